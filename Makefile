@@ -1,0 +1,39 @@
+# `make up` sets everything up and runs the system; `make test` sets up and runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup up test lint format gen clean help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+setup: $(STAMP) ## create .venv and install the package with its test tools
+
+up: setup ## set up, then run the whole system on this machine (Ctrl-C stops it)
+	$(BIN)/microapp up
+
+test: setup ## set up, then run every test
+	$(BIN)/python -m pytest
+
+lint: setup ## ruff check and ruff format --check
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: setup ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+gen: setup ## regenerate src/microapp/gen from proto/ with buf
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/buf lint
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/buf generate
+
+clean: ## remove the venv and local data
+	rm -rf $(VENV) .microapp .pytest_cache

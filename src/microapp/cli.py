@@ -1,0 +1,124 @@
+"""`microapp serve|up|migrate`: parse the command line, then call into the registry."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from microapp.platform.config import ConfigError
+from microapp.platform.db import migrate
+from microapp.platform.logging import configure_logging
+from microapp.platform.migrations import load_migrations
+from microapp.platform.server import ServerOptions, run
+from microapp.services import SERVICES
+
+logger = logging.getLogger("microapp.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    names = ", ".join(SERVICES)
+    parser = argparse.ArgumentParser(
+        prog="microapp",
+        description="Cooperating Connect-protocol microservices on one ASGI stack.",
+        epilog="Every service reads its settings from the environment; see docs/configuration.md.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run one service (HTTP/1.1 and h2c on one port)",
+        description=f"Run one service with Hypercorn. Services: {names}.",
+    )
+    serve.add_argument("service", choices=list(SERVICES), metavar="SERVICE", help=names)
+    serve.add_argument("--host", help="address to listen on (default: $HOST or 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: $PORT or the service's)")
+
+    mig = commands.add_parser(
+        "migrate",
+        help="apply a service's SQL migrations and exit",
+        description="Apply the service's versioned SQL migrations to $DATABASE_URL.",
+    )
+    mig.add_argument("service", choices=[n for n, s in SERVICES.items() if s.migrations_package],
+                     metavar="SERVICE", help=names)
+    mig.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
+
+    up = commands.add_parser(
+        "up",
+        help="run the whole system on this machine",
+        description=(
+            "Start every service on its default port on 127.0.0.1, with an embedded "
+            "PostgreSQL under .microapp/ (or --database-url, or --no-db). Ctrl-C stops all."
+        ),
+    )
+    db = up.add_mutually_exclusive_group()
+    db.add_argument("--database-url", help="use this PostgreSQL server instead of the embedded one")
+    db.add_argument("--no-db", action="store_true", help="run every service without a database")
+    up.add_argument("--data-dir", default=".microapp", help="where the embedded database lives")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    spec = SERVICES[args.service]
+    env = dict(os.environ)
+    if args.host:
+        env["HOST"] = args.host
+    if args.port is not None:
+        env["PORT"] = str(args.port)
+    env.setdefault("OTEL_SERVICE_NAME", spec.otel_service_name)
+    configure_logging(env["OTEL_SERVICE_NAME"], level=env.get("LOG_LEVEL", "INFO"))
+    try:
+        built = spec.build(env)
+    except ConfigError as exc:
+        print(f"microapp serve {spec.name}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run(built.app, ServerOptions(host=built.settings.host, port=built.settings.port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(
+                f"microapp serve {spec.name}: port {built.settings.port} is already in use",
+                file=sys.stderr,
+            )
+            return 1
+        raise
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    spec = SERVICES[args.service]
+    url = args.database_url or os.environ.get("DATABASE_URL", "").strip()
+    if not url:
+        print("microapp migrate: set DATABASE_URL or pass --database-url", file=sys.stderr)
+        return 2
+    assert spec.migrations_package is not None
+    try:
+        applied = asyncio.run(migrate(url, load_migrations(spec.migrations_package)))
+    except Exception as exc:
+        print(f"microapp migrate {spec.name}: {exc}", file=sys.stderr)
+        return 1
+    if applied:
+        print(f"{spec.name}: applied migrations {', '.join(map(str, applied))}")
+    else:
+        print(f"{spec.name}: database is up to date")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `microapp` command."""
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "migrate":
+        return _migrate(args)
+    from microapp.up import run_up  # the embedded database is only needed here
+
+    return run_up(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The Starlette app every service is served as: Connect mounts, health, CORS, reflection."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from connectrpc.interceptor import Interceptor
+from connectrpc.server import ConnectASGIApplication
+from google.protobuf.descriptor import FileDescriptor
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import BaseRoute, Mount, Route
+
+from microapp.platform.config import CommonSettings
+from microapp.platform.db import Database
+from microapp.platform.reflection import reflection_apps
+from microapp.platform.rest import http_exception_handler, internal_error_handler
+
+logger = logging.getLogger(__name__)
+
+CORS_ALLOW_HEADERS = [
+    "Content-Type",
+    "Authorization",
+    "Connect-Protocol-Version",
+    "Connect-Timeout-Ms",
+    "Grpc-Timeout",
+    "X-Grpc-Web",
+    "X-User-Agent",
+]
+CORS_EXPOSE_HEADERS = ["Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin"]
+
+
+class Lifecycle(Protocol):
+    """Something a service opens at startup and closes at shutdown."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# The generated `XServiceASGIApplication(service, *, interceptors=..., read_max_bytes=...)`.
+ConnectAppFactory = Callable[..., ConnectASGIApplication[Any]]
+
+
+@dataclass(frozen=True)
+class ConnectService:
+    """One Connect service: its generated ASGI application class and our implementation."""
+
+    app_class: ConnectAppFactory
+    implementation: object
+
+
+@dataclass
+class ServiceParts:
+    """Everything that makes one service, handed to `build_app`."""
+
+    connect: Sequence[ConnectService]
+    proto_files: Sequence[FileDescriptor]
+    routes: Sequence[BaseRoute] = ()
+    database: Database | None = None
+    # Started in order after the database, closed in reverse before it.
+    components: Sequence[Lifecycle] = ()
+    interceptors: Sequence[Interceptor] = field(default_factory=list)
+
+
+def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
+    """Compose one service's ASGI app."""
+    mounts: list[BaseRoute] = []
+    for service in parts.connect:
+        app = service.app_class(
+            service.implementation,
+            interceptors=list(parts.interceptors),
+            read_max_bytes=settings.max_body_bytes,
+        )
+        mounts.append(Mount(app.path, app=app))
+    for reflection in reflection_apps(parts.proto_files):
+        mounts.append(Mount(reflection.path, app=reflection))
+
+    async def healthz(request: Request) -> PlainTextResponse:
+        if parts.database is None or await parts.database.healthy():
+            return PlainTextResponse("ok")
+        return PlainTextResponse("database unavailable", status_code=503)
+
+    async def livez(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    middleware = []
+    if settings.cors_allowed_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_allowed_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=CORS_ALLOW_HEADERS,
+                expose_headers=CORS_EXPOSE_HEADERS,
+                max_age=7200,
+            )
+        )
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/livez", livez, methods=["GET"]),
+            *parts.routes,
+            *mounts,
+        ],
+        middleware=middleware,
+        exception_handlers={
+            HTTPException: http_exception_handler,
+            Exception: internal_error_handler,
+        },
+        lifespan=_lifespan(settings, parts),
+    )
+
+
+def _lifespan(settings: CommonSettings, parts: ServiceParts) -> Callable[[Starlette], Any]:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            if parts.database is not None:
+                await parts.database.start()
+                stack.push_async_callback(parts.database.close)
+            else:
+                logger.info("running without a database (DATABASE_URL is not set)")
+            for component in parts.components:
+                await component.start()
+                stack.push_async_callback(component.close)
+            logger.info("service started", extra={"port": settings.port})
+            yield
+            logger.info("service stopping")
+
+    return lifespan

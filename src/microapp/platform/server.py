@@ -1,0 +1,67 @@
+"""Hypercorn serving HTTP/1.1 and h2c (prior knowledge) on one port, stopping gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config
+from hypercorn.typing import ASGIFramework
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How Hypercorn runs a service; the defaults suit long-lived service-to-service h2c."""
+
+    host: str
+    port: int
+    # Hypercorn closes a connection after this many requests (default 1000); under h2c
+    # load that showed as failed calls, so keep connections for as long as they live.
+    keep_alive_max_requests: int = 1_000_000_000
+    # In-flight requests get this long to finish after SIGTERM.
+    graceful_timeout: float = 10.0
+    h2_max_concurrent_streams: int = 1000
+    use_uvloop: bool = True
+
+
+def hypercorn_config(options: ServerOptions) -> Config:
+    """The Hypercorn configuration for one service."""
+    config = Config()
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    config.bind = [f"{host}:{options.port}"]
+    config.keep_alive_max_requests = options.keep_alive_max_requests
+    config.graceful_timeout = options.graceful_timeout
+    config.h2_max_concurrent_streams = options.h2_max_concurrent_streams
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+async def serve_until_signalled(app: ASGIFramework, options: ServerOptions) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight requests,
+    run the app's shutdown (which drains queues and closes pools) and return."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    logger.info("listening", extra={"address": f"http://{options.host}:{options.port}"})
+    await hypercorn_serve(app, hypercorn_config(options), shutdown_trigger=stop.wait)
+    logger.info("stopped")
+
+
+def run(app: ASGIFramework, options: ServerOptions) -> None:
+    """Run the event loop (uvloop when available) serving `app`."""
+    if options.use_uvloop:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+            pass
+        else:
+            uvloop.run(serve_until_signalled(app, options))
+            return
+    asyncio.run(serve_until_signalled(app, options))

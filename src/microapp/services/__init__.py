@@ -1,0 +1,76 @@
+"""The service registry: each service's name, defaults, database and how to build it.
+
+A new service is one package under `services/` plus one entry in `SERVICES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+
+from microapp.platform.config import CommonSettings
+from microapp.services.caller.app import MIGRATIONS_PACKAGE as CALLER_MIGRATIONS
+from microapp.services.caller.app import CallerSettings
+from microapp.services.caller.app import create_app as create_caller
+from microapp.services.greeter.app import MIGRATIONS_PACKAGE as GREETER_MIGRATIONS
+from microapp.services.greeter.app import GreeterSettings
+from microapp.services.greeter.app import create_app as create_greeter
+
+
+@dataclass(frozen=True)
+class BuiltService:
+    """A service ready to serve: its common settings and its ASGI app."""
+
+    settings: CommonSettings
+    app: Starlette
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What the CLI, `microapp up` and the deployment files need to know of a service."""
+
+    name: str
+    default_port: int
+    otel_service_name: str
+    database: str | None
+    migrations_package: str | None
+    # Connect service paths it answers, e.g. "/greeter.v1.GreeterService".
+    connect_paths: tuple[str, ...]
+    build: Callable[[Mapping[str, str]], BuiltService]
+
+
+def _build_greeter(env: Mapping[str, str]) -> BuiltService:
+    settings = GreeterSettings.from_env(env)
+    return BuiltService(settings.common, create_greeter(settings))
+
+
+def _build_caller(env: Mapping[str, str]) -> BuiltService:
+    settings = CallerSettings.from_env(env)
+    return BuiltService(settings.common, create_caller(settings))
+
+
+SERVICES: dict[str, ServiceSpec] = {
+    spec.name: spec
+    for spec in (
+        ServiceSpec(
+            name="greeter",
+            default_port=8080,
+            otel_service_name="greeter-service",
+            database="greeter_db",
+            migrations_package=GREETER_MIGRATIONS,
+            connect_paths=("/greeter.v1.GreeterService",),
+            build=_build_greeter,
+        ),
+        ServiceSpec(
+            name="caller",
+            default_port=8081,
+            otel_service_name="caller-service",
+            database="caller_db",
+            migrations_package=CALLER_MIGRATIONS,
+            connect_paths=("/caller.v1.CallerService",),
+            build=_build_caller,
+        ),
+    )
+}
