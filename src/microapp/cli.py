@@ -36,15 +36,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("service", choices=list(SERVICES), metavar="SERVICE", help=names)
     serve.add_argument("--host", help="address to listen on (default: $HOST or 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: $PORT or the service's)")
+    serve.add_argument(
+        "--port", type=int, help="port to listen on (default: $PORT or the service's)"
+    )
 
     mig = commands.add_parser(
         "migrate",
         help="apply a service's SQL migrations and exit",
         description="Apply the service's versioned SQL migrations to $DATABASE_URL.",
     )
-    mig.add_argument("service", choices=[n for n, s in SERVICES.items() if s.migrations_package],
-                     metavar="SERVICE", help=names)
+    mig.add_argument(
+        "service",
+        choices=[n for n, s in SERVICES.items() if s.migrations_package],
+        metavar="SERVICE",
+        help=names,
+    )
     mig.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
 
     up = commands.add_parser(

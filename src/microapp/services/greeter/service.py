@@ -6,7 +6,6 @@ import logging
 from typing import Protocol
 
 import psycopg
-
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext

