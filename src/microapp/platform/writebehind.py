@@ -40,13 +40,14 @@ class WriteBehindQueue:
         self._batch_size = batch_size
         self._drain_timeout = drain_timeout
         self._worker: asyncio.Task[None] | None = None
+        self._in_flight = 0
         self.dropped = 0
         self.written = 0
 
     @property
     def depth(self) -> int:
-        """Rows waiting to be written."""
-        return self._queue.qsize()
+        """Rows not yet written: queued, plus the batch being written."""
+        return self._queue.qsize() + self._in_flight
 
     def offer(self, row: Row) -> bool:
         """Queue a row without waiting; False (and counted) when the queue is full."""
@@ -67,7 +68,7 @@ class WriteBehindQueue:
         """Write what is queued (up to the drain timeout), then stop the writer."""
         if self._worker is None:
             return
-        pending = self._queue.qsize()
+        pending = self.depth
         if pending:
             logger.info("draining write queue", extra={"rows": pending})
         try:
@@ -76,7 +77,7 @@ class WriteBehindQueue:
         except TimeoutError:
             logger.error(
                 "write queue not drained before timeout; rows lost",
-                extra={"rows": self._queue.qsize()},
+                extra={"rows": self.depth},
             )
         self._worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -87,7 +88,9 @@ class WriteBehindQueue:
             batch = [await self._queue.get()]
             while len(batch) < self._batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._in_flight = len(batch)
             await self._write(batch)
+            self._in_flight = 0
             for _ in batch:
                 self._queue.task_done()
 
