@@ -10,11 +10,20 @@ import logging
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
 
 logger = logging.getLogger(__name__)
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL naming another database."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"postgresql", "postgres"}:
+        raise ValueError(f"expected a postgresql:// URL, got {url!r}")
+    return urlunsplit(parts._replace(path=f"/{database}"))
 
 
 class EmbeddedPostgres:

@@ -8,12 +8,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
 
-from microapp.devdb import EmbeddedPostgres
+from microapp.devdb import EmbeddedPostgres, with_database
 
 _counter = itertools.count(1)
 
@@ -43,7 +42,7 @@ class TestPostgres:
 
     def url(self, database: str = "postgres") -> str:
         if self._external:
-            return _with_database(self._external, database)
+            return with_database(self._external, database)
         assert self._embedded is not None
         return self._embedded.url(database)
 
@@ -54,13 +53,6 @@ class TestPostgres:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.url(name)
-
-
-def _with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in {"postgresql", "postgres"}:
-        raise ValueError("MICROAPP_TEST_DATABASE_URL must be a postgresql:// URL")
-    return urlunsplit(parts._replace(path=f"/{database}"))
 
 
 def query(url: str, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
