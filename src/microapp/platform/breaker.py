@@ -1,0 +1,290 @@
+"""A circuit breaker built on aiobreaker, with the seed's (gobreaker's) semantics.
+
+aiobreaker gives the state machine, listeners and state storage. Its own half-open state
+lets every call through and closes on the first success, it never forgets old failures,
+and it reads the wall clock. This module extends it through its seams:
+
+- `ClockedStorage` (its state storage) clears the closed state's failure count every
+  `interval_s` and keeps `opened_at` in seconds of an injected monotonic clock;
+- state subclasses make the open period follow that clock, admit at most
+  `half_open_max` trial calls in half-open (as many successes close it, any failure
+  reopens it), and ignore the late outcome of a call begun in an earlier state;
+- a listener logs every state change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import aiobreaker
+from aiobreaker import CircuitBreakerError, CircuitBreakerListener, CircuitBreakerState
+from aiobreaker.state import (
+    CircuitBreakerBaseState,
+    CircuitClosedState,
+    CircuitHalfOpenState,
+    CircuitOpenState,
+)
+from aiobreaker.storage.memory import CircuitMemoryStorage
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+
+STATE_NAMES = {
+    CircuitBreakerState.CLOSED: "closed",
+    CircuitBreakerState.OPEN: "open",
+    CircuitBreakerState.HALF_OPEN: "half_open",
+}
+
+
+class BreakerOpenError(CircuitBreakerError):
+    """The breaker refused a call without running it: open, or half-open with every
+    trial slot taken."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ClockedStorage(CircuitMemoryStorage):
+    """aiobreaker's in-memory storage on an injected clock.
+
+    The failure count lives in windows of `interval_s` seconds (0: one endless window)
+    that begin when the breaker closes; a count older than its window reads as zero.
+    `opened_at` is in the clock's seconds, not a datetime.
+    """
+
+    def __init__(self, clock: Clock, interval_s: float) -> None:
+        super().__init__(CircuitBreakerState.CLOSED)
+        self._clock = clock
+        self._interval_s = interval_s
+        self._window_ends: float | None = None
+        self.start_window()
+
+    def start_window(self) -> None:
+        """Forget the failures counted so far and start a new counting window."""
+        self._fail_counter = 0
+        self._window_ends = self._clock() + self._interval_s if self._interval_s > 0 else None
+
+    def _expire_window(self) -> None:
+        if self._window_ends is not None and self._clock() >= self._window_ends:
+            self.start_window()
+
+    def increment_counter(self) -> None:
+        self._expire_window()
+        super().increment_counter()
+
+    @property
+    def counter(self) -> int:
+        self._expire_window()
+        return self._fail_counter
+
+
+class _CurrentStateOnly(CircuitBreakerBaseState):
+    """Outcomes count only while the state that admitted the call is still current.
+
+    A call begun while closed may end after the breaker opened (or closed again); like
+    gobreaker's generations, its outcome must not move the new state.
+    """
+
+    _breaker: CircuitBreaker
+
+    def _is_current(self) -> bool:
+        return self._breaker._state is self
+
+    def _handle_error(self, func: Any, exception: Exception) -> None:
+        if not self._is_current():
+            raise exception
+        super()._handle_error(func, exception)
+
+    def _handle_success(self) -> None:
+        if self._is_current():
+            super()._handle_success()
+
+
+class _ClosedState(_CurrentStateOnly, CircuitClosedState):
+    def __init__(self, breaker: CircuitBreaker, prev_state: Any = None, notify: bool = False):
+        super().__init__(breaker, prev_state, notify)
+        if notify:
+            breaker.storage.start_window()
+
+
+class _OpenState(_CurrentStateOnly, CircuitOpenState):
+    def before_call(self, func: Any, *args: Any, **kwargs: Any) -> None:
+        if not self._breaker.open_period_over():
+            raise BreakerOpenError("circuit breaker is open", self._breaker.opens_at)
+
+
+class _HalfOpenState(_CurrentStateOnly, CircuitHalfOpenState):
+    def __init__(self, breaker: CircuitBreaker, prev_state: Any = None, notify: bool = False):
+        self._admitted = 0
+        self._successes = 0
+        super().__init__(breaker, prev_state, notify)
+
+    @property
+    def has_room(self) -> bool:
+        return self._admitted < self._breaker.half_open_max
+
+    def before_call(self, func: Any, *args: Any, **kwargs: Any) -> None:
+        if not self.has_room:
+            raise BreakerOpenError(
+                "circuit breaker is half-open and its trial calls are taken", None
+            )
+        self._admitted += 1
+
+    def release(self) -> None:
+        """Give back the slot of a trial call that ended without an outcome (cancelled)."""
+        self._admitted -= 1
+
+    def on_success(self) -> None:
+        self._successes += 1
+        if self._successes >= self._breaker.half_open_max:
+            self._breaker.close()
+
+
+_STATE_CLASSES: dict[CircuitBreakerState, type[CircuitBreakerBaseState]] = {
+    CircuitBreakerState.CLOSED: _ClosedState,
+    CircuitBreakerState.OPEN: _OpenState,
+    CircuitBreakerState.HALF_OPEN: _HalfOpenState,
+}
+
+
+class StateChangeLog(CircuitBreakerListener):
+    """Logs every state change of a breaker."""
+
+    def state_change(self, breaker: Any, old: Any, new: Any) -> None:
+        before = STATE_NAMES[old.state] if old is not None else None
+        after = STATE_NAMES[new.state]
+        level = logging.WARNING if after == "open" else logging.INFO
+        logger.log(
+            level,
+            f"circuit breaker {breaker.name} {after}",
+            extra={"breaker": breaker.name, "from_state": before, "to_state": after},
+        )
+
+
+class CircuitBreaker(aiobreaker.CircuitBreaker):
+    """aiobreaker's breaker with a failure window, a bounded half-open and a clock.
+
+    Trips after `failure_threshold` consecutive failures (counts cleared every
+    `interval_s` while closed); stays open `open_s` seconds, refusing calls with
+    `BreakerOpenError`; then admits at most `half_open_max` trial calls, of which as
+    many successes close it and any failure opens it again. A failure is any exception
+    of the guarded call not matched by `exclude`.
+    """
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int = 5,
+        interval_s: float = 10.0,
+        open_s: float = 30.0,
+        half_open_max: int = 3,
+        clock: Clock = time.monotonic,
+        name: str = "breaker",
+        listeners: Iterable[CircuitBreakerListener] = (),
+        exclude: Iterable[type[Exception] | Callable[[Exception], bool]] = (),
+    ) -> None:
+        if failure_threshold < 1 or half_open_max < 1:
+            raise ValueError("failure_threshold and half_open_max must be at least 1")
+        self._clock = clock
+        self.half_open_max = half_open_max
+        self.storage = ClockedStorage(clock, interval_s)
+        super().__init__(
+            fail_max=failure_threshold,
+            timeout_duration=timedelta(seconds=open_s),
+            exclude=list(exclude),
+            listeners=[StateChangeLog(), *listeners],
+            state_storage=self.storage,
+            name=name,
+        )
+
+    def _create_new_state(
+        self, new_state: CircuitBreakerState, prev_state: Any = None, notify: bool = False
+    ) -> CircuitBreakerBaseState:
+        return _STATE_CLASSES[new_state](self, prev_state=prev_state, notify=notify)
+
+    def open(self) -> None:
+        """Open the circuit now, by the injected clock."""
+        self.storage.opened_at = self._clock()
+        self.state = self.storage.state = CircuitBreakerState.OPEN
+
+    def seconds_until_half_open(self) -> float:
+        """How long the open period still lasts (0 when not open or over)."""
+        if self.storage.state is not CircuitBreakerState.OPEN or self.storage.opened_at is None:
+            return 0.0
+        ends = self.storage.opened_at + self.timeout_duration.total_seconds()
+        return max(0.0, ends - self._clock())
+
+    def open_period_over(self) -> bool:
+        return self.seconds_until_half_open() <= 0.0
+
+    @property
+    def opens_at(self) -> datetime | None:
+        """Wall-clock estimate of when an open breaker lets trial calls through."""
+        remaining = self.seconds_until_half_open()
+        return datetime.now() + timedelta(seconds=remaining) if remaining > 0 else None
+
+    @property
+    def time_until_open(self) -> timedelta | None:
+        remaining = self.seconds_until_half_open()
+        return timedelta(seconds=remaining) if remaining > 0 else None
+
+    def _advance(self) -> None:
+        # Like gobreaker, reading the state moves an open breaker whose period is
+        # over to half-open, so what is reported is what the next call meets.
+        if self.storage.state is CircuitBreakerState.OPEN and self.open_period_over():
+            self.half_open()
+
+    @property
+    def state_name(self) -> str:
+        """The state now: "closed", "open" or "half_open"."""
+        self._advance()
+        return STATE_NAMES[self.storage.state]
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Failures in a row counted in the current window."""
+        return self.storage.counter
+
+    def admits(self) -> bool:
+        """Whether a call made now would run (rather than be refused)."""
+        self._advance()
+        state = self._state
+        if isinstance(state, _HalfOpenState):
+            return state.has_room
+        return not isinstance(state, _OpenState)
+
+    async def run(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run `operation` through the breaker.
+
+        Raises `BreakerOpenError` without running it when the breaker refuses; otherwise
+        returns its result or raises its own exception (also when that one tripped the
+        breaker: aiobreaker would raise `CircuitBreakerError` in its place).
+        """
+        admitted_by: CircuitBreakerBaseState | None = None
+
+        async def guarded() -> T:
+            nonlocal admitted_by
+            # No await lies between admission and here, so this is the admitting state.
+            admitted_by = self._state
+            return await operation()
+
+        try:
+            return await self.call_async(guarded)
+        except BreakerOpenError:
+            raise
+        except CircuitBreakerError as exc:
+            if exc.__cause__ is None:
+                raise
+            raise exc.__cause__ from None
+        except asyncio.CancelledError:
+            # Neither success nor failure reached aiobreaker: free the trial slot.
+            if isinstance(admitted_by, _HalfOpenState) and admitted_by is self._state:
+                admitted_by.release()
+            raise
