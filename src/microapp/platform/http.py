@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Mount, Route
 
+from microapp.platform.authn import with_token_check
 from microapp.platform.config import CommonSettings
 from microapp.platform.db import Database
 from microapp.platform.reflection import reflection_apps
@@ -73,6 +74,8 @@ class ServiceParts:
 
 def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
     """Compose one service's ASGI app."""
+    if settings.auth_required:
+        parts = with_token_check(settings, parts)
     mounts: list[BaseRoute] = []
     for service in parts.connect:
         app = service.app_class(
