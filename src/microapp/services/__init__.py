@@ -20,6 +20,8 @@ from microapp.services.caller.app import create_app as create_caller
 from microapp.services.greeter.app import MIGRATIONS_PACKAGE as GREETER_MIGRATIONS
 from microapp.services.greeter.app import GreeterSettings
 from microapp.services.greeter.app import create_app as create_greeter
+from microapp.services.web.app import WebSettings
+from microapp.services.web.app import create_app as create_web
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ def _build_greeter(env: Mapping[str, str]) -> BuiltService:
 def _build_caller(env: Mapping[str, str]) -> BuiltService:
     settings = CallerSettings.from_env(env)
     return BuiltService(settings.common, create_caller(settings))
+
+
+def _build_web(env: Mapping[str, str]) -> BuiltService:
+    settings = WebSettings.from_env(env)
+    return BuiltService(settings.common, create_web(settings))
 
 
 def _build_auth(env: Mapping[str, str]) -> BuiltService:
@@ -88,6 +95,15 @@ SERVICES: dict[str, ServiceSpec] = {
             migrations_package=AUTH_MIGRATIONS,
             connect_paths=("/auth.v1.AuthService",),
             build=_build_auth,
+        ),
+        ServiceSpec(
+            name="web",
+            default_port=8000,
+            otel_service_name="web",
+            database=None,
+            migrations_package=None,
+            connect_paths=(),
+            build=_build_web,
         ),
     )
 }

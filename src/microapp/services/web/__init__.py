@@ -1,0 +1,1 @@
+"""The web service: serves the browser console and its runtime config."""

@@ -1,0 +1,148 @@
+"""Builds the web service: the console's static files and `/config.json` from env."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
+
+from microapp.platform.config import CommonSettings, ConfigError, env_int, env_str
+from microapp.platform.http import ServiceParts, build_app
+
+# index.html and assets/ (the esbuild bundle and CSS), shipped inside the Python package.
+CONSOLE_DIR = Path(str(files("microapp") / "web"))
+
+_BASE_URL_VARIABLES = {
+    "greeter_base_url": "WEB_GREETER_BASE_URL",
+    "gateway_base_url": "WEB_GATEWAY_BASE_URL",
+    "auth_base_url": "WEB_AUTH_BASE_URL",
+    "breaker_url": "WEB_BREAKER_URL",
+}
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """Where the browser finds the services; empty means the console's own origin."""
+
+    common: CommonSettings
+    greeter_base_url: str = ""
+    gateway_base_url: str = ""
+    auth_base_url: str = ""
+    # Empty: the gateway's base URL + /debug/breaker.
+    breaker_url: str = ""
+    breaker_poll_ms: int = 1000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WebSettings:
+        """Read `WEB_*_BASE_URL`, `WEB_BREAKER_URL`, `WEB_BREAKER_POLL_MS` and the common ones."""
+        env = os.environ if env is None else env
+        urls = {field: _browser_url(env, name) for field, name in _BASE_URL_VARIABLES.items()}
+        return cls(
+            common=CommonSettings.from_env(
+                "web", default_port=8000, default_otel_name="web", env=env
+            ),
+            breaker_poll_ms=env_int(env, "WEB_BREAKER_POLL_MS", 1000, minimum=100),
+            **urls,
+        )
+
+    def console_config(self) -> dict[str, Any]:
+        """The JSON the console reads at startup (`/config.json`)."""
+        breaker = self.breaker_url
+        if not breaker and self.gateway_base_url:
+            breaker = f"{self.gateway_base_url}/debug/breaker"
+        return {
+            "greeterBaseUrl": self.greeter_base_url,
+            "gatewayBaseUrl": self.gateway_base_url,
+            "authBaseUrl": self.auth_base_url,
+            "breakerUrl": breaker,
+            "breakerPollMs": self.breaker_poll_ms,
+        }
+
+    def connect_sources(self) -> list[str]:
+        """Origins the page may call besides its own, for its Content-Security-Policy."""
+        origins: list[str] = []
+        for url in (
+            self.greeter_base_url,
+            self.gateway_base_url,
+            self.auth_base_url,
+            self.breaker_url,
+        ):
+            parts = urlsplit(url)
+            origin = f"{parts.scheme}://{parts.netloc}" if parts.netloc else ""
+            if origin and origin not in origins:
+                origins.append(origin)
+        return origins
+
+
+def _browser_url(env: Mapping[str, str], name: str) -> str:
+    """An absolute http(s) URL or a path on the console's origin, without a trailing slash."""
+    value = env_str(env, name, "").rstrip("/")
+    if not value or value.startswith("/"):
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ConfigError(f"{name} must be an http(s) URL or a path like /api, got {value!r}")
+    return value
+
+
+class _ConsoleAssets(StaticFiles):
+    """The bundle keeps one name across builds, so browsers must revalidate (ETag) each load."""
+
+    def file_response(
+        self, full_path: Any, stat_result: os.stat_result, scope: Scope, status_code: int = 200
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
+def create_app(settings: WebSettings, *, console_dir: Path = CONSOLE_DIR) -> Starlette:
+    """The web service as an ASGI app: `/` the console, `/config.json` where the services are."""
+    index = console_dir / "index.html"
+    if not index.is_file():
+        raise ConfigError(f"the console is missing from the package ({index}); run `make web`")
+    connect_src = " ".join(["'self'", *settings.connect_sources()])
+    page_headers = {
+        "Cache-Control": "no-cache",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Content-Security-Policy": (
+            f"default-src 'self'; connect-src {connect_src}; img-src 'self' data:; "
+            "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        ),
+    }
+    config = settings.console_config()
+
+    async def console(request: Request) -> Response:
+        return FileResponse(index, media_type="text/html; charset=utf-8", headers=page_headers)
+
+    async def console_config(request: Request) -> Response:
+        return JSONResponse(config, headers={"Cache-Control": "no-store"})
+
+    return build_app(
+        settings.common,
+        ServiceParts(
+            connect=[],
+            proto_files=[],
+            routes=[
+                Route("/", console, methods=["GET"]),
+                Route("/index.html", console, methods=["GET"]),
+                Route("/config.json", console_config, methods=["GET"]),
+                Mount(
+                    "/assets", app=_ConsoleAssets(directory=console_dir / "assets"), name="assets"
+                ),
+            ],
+        ),
+    )
