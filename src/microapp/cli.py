@@ -15,6 +15,7 @@ from microapp.platform.db import migrate
 from microapp.platform.logging import configure_logging
 from microapp.platform.migrations import load_migrations
 from microapp.platform.server import ServerOptions, run
+from microapp.platform.telemetry import configure_telemetry
 from microapp.services import SERVICES
 
 logger = logging.getLogger("microapp.cli")
@@ -77,6 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
         env["PORT"] = str(args.port)
     env.setdefault("OTEL_SERVICE_NAME", spec.otel_service_name)
     configure_logging(env["OTEL_SERVICE_NAME"], level=env.get("LOG_LEVEL", "INFO"))
+    # Before the app is built: the instrumentations hook into clients made from here on.
+    configure_telemetry(env["OTEL_SERVICE_NAME"])
     try:
         built = spec.build(env)
     except ConfigError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -18,6 +18,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from microapp.platform.migrations import Migration, apply_migrations
+from microapp.platform.telemetry import observe
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Database:
     async def start(self) -> None:
         """Open the pool and start watching; never fails because the database is down."""
         await self._pool.open(wait=False)
+        self._report_pool_usage()
         self._watcher = asyncio.create_task(self._watch(), name="database-watcher")
 
     async def close(self) -> None:
@@ -117,6 +119,17 @@ class Database:
             self._mark_failed(exc)
             return False
         return True
+
+    def _report_pool_usage(self) -> None:
+        def stat(key: str) -> Callable[[], float]:
+            return lambda: self._pool.get_stats().get(key, 0)
+
+        observe("microapp.db.pool.size", stat("pool_size"), description="open connections")
+        observe(
+            "microapp.db.pool.available", stat("pool_available"), description="idle connections"
+        )
+        observe("microapp.db.pool.waiting", stat("requests_waiting"), description="callers waiting")
+        observe("microapp.db.ready", lambda: int(self.ready), description="1 when usable")
 
     def _mark_failed(self, exc: BaseException) -> None:
         if self._ready.is_set():

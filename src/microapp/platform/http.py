@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ from microapp.platform.config import CommonSettings
 from microapp.platform.db import Database
 from microapp.platform.reflection import reflection_apps
 from microapp.platform.rest import http_exception_handler, internal_error_handler
+from microapp.platform.telemetry import telemetry_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
         return PlainTextResponse("ok")
 
     middleware = []
+    if telemetry_enabled():
+        middleware.append(_rest_tracing(mounts))
     if settings.cors_allowed_origins:
         middleware.append(
             Middleware(
@@ -122,6 +126,15 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
         },
         lifespan=_lifespan(settings, parts),
     )
+
+
+def _rest_tracing(mounts: Sequence[BaseRoute]) -> Middleware:
+    """HTTP server spans for the REST routes; Connect calls get RPC spans from connectrpc-otel
+    instead, and health probes none at all."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    excluded = ["/healthz", "/livez", *(re.escape(m.path) for m in mounts if isinstance(m, Mount))]
+    return Middleware(OpenTelemetryMiddleware, excluded_urls=",".join(excluded))
 
 
 def _lifespan(settings: CommonSettings, parts: ServiceParts) -> Callable[[Starlette], Any]:

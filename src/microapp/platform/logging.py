@@ -7,13 +7,17 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
+from microapp.platform.telemetry import TraceContextFilter
+
 
 def configure_logging(service: str, *, level: str = "INFO") -> None:
     """Send every log record to stderr as a JSON line carrying `service`.
 
-    Extra fields passed with `logger.info(..., extra={...})` become keys of the object.
+    Extra fields passed with `logger.info(..., extra={...})` become keys of the object;
+    records written inside a span carry its `trace_id` and `span_id`.
     """
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(TraceContextFilter())
     handler.setFormatter(
         JsonFormatter(
             "{asctime}{levelname}{name}{message}",

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 
 from microapp.platform.db import Database, DatabaseUnavailable
+from microapp.platform.telemetry import observe
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,15 @@ class WriteBehindQueue:
 
     async def start(self) -> None:
         """Start the background writer."""
+        observe(
+            "microapp.write_queue.depth", lambda: self.depth, description="rows not yet written"
+        )
+        observe(
+            "microapp.write_queue.dropped",
+            lambda: self.dropped,
+            kind="counter",
+            description="rows dropped because the queue was full",
+        )
         self._worker = asyncio.create_task(self._run(), name="write-behind")
 
     async def close(self) -> None:

@@ -53,6 +53,7 @@ class GreeterHandler:
         external = await self._call_caller()
         message = greeting_for(name)
         await self._record(name, message, external.status_code)
+        logger.debug("greeted", extra={"greeted": name, "external_status": external.status_code})
         return GreetResponse(
             message=message,
             external_status=external.status_code,
