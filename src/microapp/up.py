@@ -159,8 +159,14 @@ def wiring_env(ports: Mapping[str, int], external_url: str) -> dict[str, str]:
     if "auth" in ports:
         env["AUTH_JWKS_URL"] = url("auth") + "/.well-known/jwks.json"
     if "web" in ports:
+        # The console runs on its own origin and calls the services' ports directly.
         origins = [f"http://{HOST}:{ports['web']}", f"http://localhost:{ports['web']}"]
         env["CORS_ALLOWED_ORIGINS"] = ",".join(origins)
+        env["WEB_GREETER_BASE_URL"] = url("greeter")
+        env["WEB_GATEWAY_BASE_URL"] = url("gateway")
+        env["WEB_AUTH_BASE_URL"] = url("auth")
+        if "gateway" in ports:
+            env["WEB_BREAKER_URL"] = url("gateway") + "/debug/breaker"
     return {k: v for k, v in env.items() if v}
 
 
