@@ -1,0 +1,28 @@
+#!/usr/bin/env sh
+# Makes what compose needs but the repository never holds: a random database password in
+# compose/.env and the auth service's RSA signing key in compose/secrets/. Existing files
+# are kept, so running it again changes nothing (and issued tokens stay valid).
+set -eu
+cd "$(dirname "$0")"
+umask 077
+
+if [ ! -f .env ]; then
+  password=$(openssl rand -hex 24)
+  cat > .env <<ENV
+# Made by init-secrets.sh; never commit this file.
+POSTGRES_PASSWORD=$password
+# With \`docker compose --profile observability up\`, send telemetry to the collector:
+# OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318
+ENV
+  echo "wrote compose/.env"
+fi
+
+mkdir -p secrets
+chmod 0700 secrets
+if [ ! -f secrets/auth_private_key.pem ]; then
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -quiet -out secrets/auth_private_key.pem
+  # The container runs as uid 10001 and reads the key through a bind mount, which keeps
+  # these host permissions; the folder (0700) keeps other host users out.
+  chmod 0644 secrets/auth_private_key.pem
+  echo "wrote compose/secrets/auth_private_key.pem"
+fi
