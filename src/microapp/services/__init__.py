@@ -17,6 +17,12 @@ from microapp.services.auth.app import create_app as create_auth
 from microapp.services.caller.app import MIGRATIONS_PACKAGE as CALLER_MIGRATIONS
 from microapp.services.caller.app import CallerSettings
 from microapp.services.caller.app import create_app as create_caller
+from microapp.services.customlang.app import MIGRATIONS_PACKAGE as CUSTOMLANG_MIGRATIONS
+from microapp.services.customlang.app import CustomLangSettings
+from microapp.services.customlang.app import create_app as create_customlang
+from microapp.services.gateway.app import MIGRATIONS_PACKAGE as GATEWAY_MIGRATIONS
+from microapp.services.gateway.app import GatewaySettings
+from microapp.services.gateway.app import create_app as create_gateway
 from microapp.services.greeter.app import MIGRATIONS_PACKAGE as GREETER_MIGRATIONS
 from microapp.services.greeter.app import GreeterSettings
 from microapp.services.greeter.app import create_app as create_greeter
@@ -56,6 +62,16 @@ def _build_caller(env: Mapping[str, str]) -> BuiltService:
     return BuiltService(settings.common, create_caller(settings))
 
 
+def _build_gateway(env: Mapping[str, str]) -> BuiltService:
+    settings = GatewaySettings.from_env(env)
+    return BuiltService(settings.common, create_gateway(settings))
+
+
+def _build_customlang(env: Mapping[str, str]) -> BuiltService:
+    settings = CustomLangSettings.from_env(env)
+    return BuiltService(settings.common, create_customlang(settings))
+
+
 def _build_web(env: Mapping[str, str]) -> BuiltService:
     settings = WebSettings.from_env(env)
     return BuiltService(settings.common, create_web(settings))
@@ -86,6 +102,24 @@ SERVICES: dict[str, ServiceSpec] = {
             migrations_package=CALLER_MIGRATIONS,
             connect_paths=("/caller.v1.CallerService",),
             build=_build_caller,
+        ),
+        ServiceSpec(
+            name="gateway",
+            default_port=8082,
+            otel_service_name="gateway-service",
+            database="gateway_db",
+            migrations_package=GATEWAY_MIGRATIONS,
+            connect_paths=("/gateway.v1.GatewayService",),
+            build=_build_gateway,
+        ),
+        ServiceSpec(
+            name="custom-lang",
+            default_port=3000,
+            otel_service_name="custom-lang-service",
+            database="lang_db",
+            migrations_package=CUSTOMLANG_MIGRATIONS,
+            connect_paths=("/customlang.v1.CustomLangService",),
+            build=_build_customlang,
         ),
         ServiceSpec(
             name="auth",

@@ -1,0 +1,1 @@
+"""custom-lang: answers invocations with a configurable status per name."""

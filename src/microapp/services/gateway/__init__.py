@@ -1,0 +1,1 @@
+"""gateway: calls custom-lang through a circuit breaker and a retry budget."""
