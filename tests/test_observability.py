@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from microapp.gen.gateway.v1.gateway_connect import GatewayServiceClient
+from microapp.gen.gateway.v1.gateway_pb2 import InvokeCustomRequest
 from microapp.gen.greeter.v1.greeter_connect import GreeterServiceClient
 from microapp.gen.greeter.v1.greeter_pb2 import GreetRequest
 from tests.support.external import ExternalServer
@@ -182,3 +184,56 @@ async def test_without_an_endpoint_nothing_is_exported_and_nothing_warned(
         assert levels <= {"INFO"}, logs
     finally:
         await receiver.close()
+
+
+async def test_invoke_custom_is_one_trace_through_gateway_and_custom_lang(
+    postgres: TestPostgres,
+) -> None:
+    receiver = OtlpReceiver()
+    await receiver.start()
+    otel = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+    lang_env = {**otel, "DATABASE_URL": postgres.fresh_database("otel_lang")}
+    try:
+        async with ServiceProcess("custom-lang", lang_env) as lang:
+            gateway_env = {
+                **otel,
+                "DATABASE_URL": postgres.fresh_database("otel_gateway"),
+                "CUSTOM_LANG_BASE_URL": lang.url,
+            }
+            async with ServiceProcess("gateway", gateway_env) as gateway:
+                await gateway.wait_for("/healthz", 200)
+                await lang.wait_for("/healthz", 200)
+                trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+                async with GatewayServiceClient(gateway.url) as client:
+                    await client.invoke_custom(
+                        InvokeCustomRequest(name="traced"),
+                        headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},
+                    )
+                traced = Traced(receiver, gateway, lang)
+                gateway_server = await _span_of(
+                    traced, trace_id, "gateway-service", Span.SPAN_KIND_SERVER, _any
+                )
+                lang_server = await _span_of(
+                    traced, trace_id, "custom-lang-service", Span.SPAN_KIND_SERVER, _any
+                )
+                gateway_client = await _span_of(
+                    traced,
+                    trace_id,
+                    "gateway-service",
+                    Span.SPAN_KIND_CLIENT,
+                    lambda s: s.span_id == lang_server.parent_span_id,
+                )
+                lang_insert = await _span_of(
+                    traced,
+                    trace_id,
+                    "custom-lang-service",
+                    Span.SPAN_KIND_CLIENT,
+                    _is_database_span,
+                )
+    finally:
+        await receiver.close()
+    assert "InvokeCustom" in str(gateway_server.attribute("rpc.method"))
+    assert gateway_client.span.name.startswith("POST")
+    assert "executions" in str(
+        lang_insert.attribute("db.statement") or lang_insert.attribute("db.query.text")
+    )
