@@ -34,6 +34,7 @@ from microapp.services.auth.keys import SigningKey
 from microapp.services.auth.passwords import Passwords
 from microapp.services.auth.tokens import TokenIssuer
 from tests.support.commands import run
+from tests.support.ports import free_port
 from tests.support.postgres import TestPostgres, query
 from tests.support.services import ServiceProcess
 
@@ -557,27 +558,33 @@ class CountingHasher(PasswordHasher):
         return super().verify(hash, password)
 
 
+@dataclass
+class AccountsParts:
+    database: Database
+    database_url: str
+    issuer: TokenIssuer
+
+
 @pytest.fixture
-async def accounts_with_counter(
-    postgres: TestPostgres, test_key: TestKey
-) -> AsyncIterator[tuple[Accounts, CountingHasher]]:
-    database = Database(postgres.fresh_database("auth_acc"), load_migrations(MIGRATIONS_PACKAGE))
+async def accounts_parts(postgres: TestPostgres, test_key: TestKey) -> AsyncIterator[AccountsParts]:
+    url = postgres.fresh_database("auth_acc")
+    database = Database(url, load_migrations(MIGRATIONS_PACKAGE))
     await database.start()
     try:
         await database.wait_ready()
-        hasher = CountingHasher()
-        passwords = Passwords(hasher)
-        await passwords.start()
         issuer = TokenIssuer(SigningKey.from_pem(test_key.private_pem, source="test"))
-        yield Accounts(database, passwords, issuer), hasher
+        yield AccountsParts(database, url, issuer)
     finally:
         await database.close()
 
 
 async def test_unknown_email_costs_one_password_check_like_a_wrong_password(
-    accounts_with_counter: tuple[Accounts, CountingHasher],
+    accounts_parts: AccountsParts,
 ) -> None:
-    accounts, hasher = accounts_with_counter
+    hasher = CountingHasher()
+    passwords = Passwords(hasher)
+    await passwords.start()
+    accounts = Accounts(accounts_parts.database, passwords, accounts_parts.issuer)
     await accounts.register("known@example.org", PASSWORD)
 
     hasher.verifications = 0
@@ -589,6 +596,37 @@ async def test_unknown_email_costs_one_password_check_like_a_wrong_password(
     with pytest.raises(BadCredentials):
         await accounts.login("unknown@example.org", PASSWORD)
     assert hasher.verifications == 1
+
+
+async def test_login_upgrades_a_hash_made_with_older_parameters(
+    accounts_parts: AccountsParts,
+) -> None:
+    old = Passwords(PasswordHasher(time_cost=1, memory_cost=8 * 1024))
+    await Accounts(accounts_parts.database, old, accounts_parts.issuer).register(
+        "old@example.org", PASSWORD
+    )
+    current = Accounts(accounts_parts.database, Passwords(), accounts_parts.issuer)
+    await current.login("old@example.org", PASSWORD)
+
+    [(stored,)] = query(
+        accounts_parts.database_url,
+        "SELECT password_hash FROM users WHERE email = %s",
+        ("old@example.org",),
+    )
+    assert stored.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    assert await Passwords().check(stored, PASSWORD)
+
+
+async def test_register_and_login_answer_503_while_the_database_is_down(tmp_path: Path) -> None:
+    env = {
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/auth_db",
+        "AUTH_DEV_KEY_DIR": str(tmp_path),
+    }
+    async with ServiceProcess("auth", env) as service:
+        credentials = {"email": "a@example.org", "password": PASSWORD}
+        register = await _request("POST", service.url + "/auth/register", body=credentials)
+        login = await _request("POST", service.url + "/auth/login", body=credentials)
+    assert (register[0], login[0]) == (503, 503)
 
 
 async def test_migrate_command_creates_the_users_table(postgres: TestPostgres) -> None:
