@@ -3,7 +3,10 @@
 import { build } from "esbuild";
 import { fileURLToPath } from "node:url";
 
-const outfile = fileURLToPath(new URL("../src/microapp/web/assets/console.js", import.meta.url));
+// CONSOLE_OUTFILE lets the freshness test build elsewhere and compare with the committed bundle.
+const outfile =
+  process.env.CONSOLE_OUTFILE ||
+  fileURLToPath(new URL("../src/microapp/web/assets/console.js", import.meta.url));
 
 await build({
   entryPoints: [fileURLToPath(new URL("src/main.ts", import.meta.url))],

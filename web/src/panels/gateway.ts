@@ -116,8 +116,8 @@ class BreakerView {
       this.root.dataset.state = state;
       this.state.textContent = state;
       this.meaning.textContent = BREAKER_STATES[state] ?? "";
-      this.failures.textContent = String(body.consecutive_failures ?? "?");
-      this.tokens.textContent = String(body.retry_tokens ?? "?");
+      this.failures.textContent = count(body.consecutive_failures);
+      this.tokens.textContent = count(body.retry_tokens);
       this.updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
     } catch (err) {
       this.root.dataset.state = "unreachable";
@@ -128,4 +128,12 @@ class BreakerView {
       this.updated.textContent = `tried ${new Date().toLocaleTimeString()}`;
     }
   }
+}
+
+/** A number from the breaker's JSON; the retry budget refills continuously, so tokens are fractional. */
+function count(value: unknown): string {
+  if (typeof value !== "number") {
+    return "?";
+  }
+  return Number.isInteger(value) ? String(value) : value.toFixed(1);
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -13,12 +13,13 @@ from urllib.parse import urlsplit
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from microapp.platform.config import CommonSettings, ConfigError, env_int, env_str
-from microapp.platform.http import ServiceParts, build_app
+from microapp.platform.http import Lifecycle, ServiceParts, build_app
+from microapp.services.web.relay import BreakerRelay
 
 # index.html and assets/ (the esbuild bundle and CSS), shipped inside the Python package.
 CONSOLE_DIR = Path(str(files("microapp") / "web"))
@@ -42,10 +43,12 @@ class WebSettings:
     # Empty: the gateway's base URL + /debug/breaker.
     breaker_url: str = ""
     breaker_poll_ms: int = 1000
+    # Where the web service itself asks for the breaker status it answers on /debug/breaker.
+    breaker_upstream_url: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WebSettings:
-        """Read `WEB_*_BASE_URL`, `WEB_BREAKER_URL`, `WEB_BREAKER_POLL_MS` and the common ones."""
+        """Read `WEB_*_BASE_URL`, `WEB_BREAKER_*` and the common variables."""
         env = os.environ if env is None else env
         urls = {field: _browser_url(env, name) for field, name in _BASE_URL_VARIABLES.items()}
         return cls(
@@ -53,6 +56,7 @@ class WebSettings:
                 "web", default_port=8000, default_otel_name="web", env=env
             ),
             breaker_poll_ms=env_int(env, "WEB_BREAKER_POLL_MS", 1000, minimum=100),
+            breaker_upstream_url=_upstream_url(env, "WEB_BREAKER_UPSTREAM_URL"),
             **urls,
         )
 
@@ -96,6 +100,15 @@ def _browser_url(env: Mapping[str, str], name: str) -> str:
     return value
 
 
+def _upstream_url(env: Mapping[str, str], name: str) -> str:
+    """An absolute http(s) URL the web service itself fetches, or empty."""
+    value = env_str(env, name, "")
+    parts = urlsplit(value)
+    if value and (parts.scheme not in {"http", "https"} or not parts.netloc):
+        raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+    return value
+
+
 class _ConsoleAssets(StaticFiles):
     """The bundle keeps one name across builds, so browsers must revalidate (ETag) each load."""
 
@@ -124,25 +137,36 @@ def create_app(settings: WebSettings, *, console_dir: Path = CONSOLE_DIR) -> Sta
         ),
     }
     config = settings.console_config()
-
-    async def console(request: Request) -> Response:
-        return FileResponse(index, media_type="text/html; charset=utf-8", headers=page_headers)
-
-    async def console_config(request: Request) -> Response:
-        return JSONResponse(config, headers={"Cache-Control": "no-store"})
-
+    routes: list[BaseRoute] = [
+        Route("/", console_page(index, page_headers), methods=["GET"]),
+        Route("/index.html", console_page(index, page_headers), methods=["GET"]),
+        Route("/config.json", console_config(config), methods=["GET"]),
+        Mount("/assets", app=_ConsoleAssets(directory=console_dir / "assets"), name="assets"),
+    ]
+    components: list[Lifecycle] = []
+    if settings.breaker_upstream_url:
+        relay = BreakerRelay(settings.breaker_upstream_url)
+        components.append(relay)
+        routes.append(Route("/debug/breaker", relay.handle, methods=["GET"]))
     return build_app(
         settings.common,
-        ServiceParts(
-            connect=[],
-            proto_files=[],
-            routes=[
-                Route("/", console, methods=["GET"]),
-                Route("/index.html", console, methods=["GET"]),
-                Route("/config.json", console_config, methods=["GET"]),
-                Mount(
-                    "/assets", app=_ConsoleAssets(directory=console_dir / "assets"), name="assets"
-                ),
-            ],
-        ),
+        ServiceParts(connect=[], proto_files=[], routes=routes, components=components),
     )
+
+
+def console_page(index: Path, headers: dict[str, str]) -> Callable[[Request], Awaitable[Response]]:
+    """`GET /`: the console's page."""
+
+    async def page(request: Request) -> Response:
+        return FileResponse(index, media_type="text/html; charset=utf-8", headers=headers)
+
+    return page
+
+
+def console_config(config: dict[str, Any]) -> Callable[[Request], Awaitable[Response]]:
+    """`GET /config.json`: where the console finds the services."""
+
+    async def answer(request: Request) -> Response:
+        return JSONResponse(config, headers={"Cache-Control": "no-store"})
+
+    return answer

@@ -1,0 +1,52 @@
+"""`GET /debug/breaker` on the console's own origin, answered by asking the gateway.
+
+Behind Traefik only the Connect paths reach the gateway and everything else reaches the
+web service, so the console's same-origin breaker view would find nothing there; with
+`WEB_BREAKER_UPSTREAM_URL` set, the web service relays the gateway's answer instead.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from starlette.requests import Request
+from starlette.responses import Response
+
+from microapp.platform.rest import json_error
+
+# The gateway answers a few dozen bytes; anything much larger is not its breaker status.
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BreakerRelay:
+    """Fetches the gateway's breaker status for the browser; a component of the web app."""
+
+    def __init__(self, upstream_url: str, *, timeout_s: float = 2.0) -> None:
+        self._upstream_url = upstream_url
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=self._timeout)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def handle(self, request: Request) -> Response:
+        """The gateway's JSON as it answered it, or 502 saying why there is none."""
+        assert self._session is not None, "BreakerRelay.start() was not awaited"
+        try:
+            async with self._session.get(self._upstream_url) as upstream:
+                body = await upstream.content.read(MAX_BODY_BYTES + 1)
+                status, content_type = upstream.status, upstream.content_type
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            return json_error(502, f"gateway breaker status unreachable: {reason}")
+        if len(body) > MAX_BODY_BYTES or content_type != "application/json":
+            return json_error(502, "gateway breaker status is not a small JSON document")
+        return Response(
+            body,
+            status_code=status,
+            media_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
