@@ -122,8 +122,8 @@ async def gateway(postgres: TestPostgres, lang: Lang) -> AsyncIterator[Gateway]:
 
 
 def breaker_env(lang_url: str, **settings: str) -> dict[str, str]:
-    # No retries unless a test asks: each call is then one attempt, one breaker outcome.
-    return {"CUSTOM_LANG_BASE_URL": lang_url, "GATEWAY_RETRY_CAPACITY": "0", **settings}
+    # Default retry budget: a retried invocation is still one breaker outcome.
+    return {"CUSTOM_LANG_BASE_URL": lang_url, **settings}
 
 
 # --- answers and their Connect codes ---------------------------------------------------
@@ -237,10 +237,10 @@ async def test_debug_breaker_reports_state_failures_and_tokens(lang: Lang) -> No
             "consecutive_failures": 0,
             "retry_tokens": 20,
         }
-        await gateway.invoke_error("unavailable")  # one failure, retried: two failures
+        await gateway.invoke_error("unavailable")  # one invocation, retried inside: one failure
         report = await gateway.breaker()
     assert report["state"] == "closed"
-    assert report["consecutive_failures"] == 2
+    assert report["consecutive_failures"] == 1
     assert report["retry_tokens"] in (19, 20)  # one spent; refill may have given it back
 
 
@@ -255,7 +255,8 @@ async def test_after_five_unavailable_calls_the_sixth_fails_fast_without_calling
         before = lang.executions("unavailable")
         for _ in range(5):
             assert (await gateway.invoke_error("unavailable")).code == Code.UNAVAILABLE
-        assert lang.executions("unavailable") == before + 5
+        after_five = lang.executions("unavailable")
+        assert after_five >= before + 5  # each invocation, plus its one retry when budgeted
         assert (await gateway.breaker())["state"] == "open"
 
         ada_before = lang.executions("Ada")
@@ -265,7 +266,7 @@ async def test_after_five_unavailable_calls_the_sixth_fails_fast_without_calling
     assert sixth.code == Code.UNAVAILABLE
     assert "circuit breaker is open" in sixth.message
     assert also_good_names.code == Code.UNAVAILABLE
-    assert lang.executions("unavailable") == before + 5
+    assert lang.executions("unavailable") == after_five
     assert lang.executions("Ada") == ada_before
 
 
@@ -288,7 +289,7 @@ async def test_4xx_answers_never_open_it(lang: Lang) -> None:
         assert await gateway.breaker() == {
             "state": "closed",
             "consecutive_failures": 0,
-            "retry_tokens": 0,
+            "retry_tokens": 20,  # answers are never retried
         }
 
 
@@ -325,7 +326,7 @@ async def test_a_failed_trial_call_opens_it_again(lang: Lang) -> None:
         await eventually(half_open)
         before = lang.executions("unavailable")
         await gateway.invoke_error("unavailable")
-        assert lang.executions("unavailable") == before + 1
+        assert lang.executions("unavailable") == before + 2  # the trial and its one retry
         assert (await gateway.breaker())["state"] == "open"
 
 
@@ -408,7 +409,7 @@ async def test_a_timeout_is_deadline_exceeded_after_one_retry() -> None:
             report = await gateway.breaker()
     assert error.code == Code.DEADLINE_EXCEEDED
     assert slow.requests == 2
-    assert report["consecutive_failures"] == 2
+    assert report["consecutive_failures"] == 1  # one invocation, one breaker outcome
 
 
 async def test_a_retry_storm_is_bounded_by_the_budget(postgres: TestPostgres) -> None:
@@ -422,6 +423,8 @@ async def test_a_retry_storm_is_bounded_by_the_budget(postgres: TestPostgres) ->
             "CUSTOM_LANG_BASE_URL": lang_service.url,
             # Keep the breaker closed: what is measured is retries, not fail-fast.
             "GATEWAY_BREAKER_FAILURES": "1000000",
+            # A loaded 2-core machine must not turn 503s into attempt timeouts.
+            "GATEWAY_ATTEMPT_TIMEOUT_S": "5",
         }
         async with ServiceProcess("gateway", env) as service:
             await service.wait_for("/healthz", 200)

@@ -52,7 +52,6 @@ class Outcome:
 
     message: str
     code: Code | None = None
-    retryable: bool = False
 
     @property
     def success(self) -> bool:
@@ -62,16 +61,13 @@ class Outcome:
 def _outcome_of_reply(reply: Reply) -> Outcome:
     if 200 <= reply.status < 300:
         return Outcome(reply.message)
-    return Outcome(
-        reply.message,
-        connect_code_for_status(reply.status),
-        retryable=reply.status in RETRYABLE_STATUSES,
-    )
+    return Outcome(reply.message, connect_code_for_status(reply.status))
 
 
 class ResilientInvoker:
-    """Every attempt goes through the breaker; a retryable failure is retried once when
-    the breaker would let the retry through and the budget has a token for it."""
+    """One invocation is one outcome of the breaker, as in the seed: the breaker wraps the
+    call, and inside it a retryable failure is retried once when the budget has a token.
+    So "5 consecutive failures" means five failed invocations, retried or not."""
 
     def __init__(self, custom_lang: CustomLang, breaker: CircuitBreaker, budget: RetryBudget):
         self._custom_lang = custom_lang
@@ -79,25 +75,29 @@ class ResilientInvoker:
         self._budget = budget
 
     async def invoke(self, name: str) -> Outcome:
-        outcome = await self._attempt(name)
-        # The breaker is asked first so that a retry it would refuse costs no token.
-        if outcome.retryable and self._breaker.admits() and self._budget.try_acquire():
-            logger.debug("retrying custom-lang", extra={"reason": outcome.message})
-            outcome = await self._attempt(name)
-        return outcome
-
-    async def _attempt(self, name: str) -> Outcome:
         try:
-            reply = await self._breaker.run(lambda: self._send(name))
+            reply = await self._breaker.run(lambda: self._send_with_retry(name))
         except BreakerOpenError as exc:
             return Outcome(f"custom-lang not called: {exc}", Code.UNAVAILABLE)
         except FailedReply as exc:
             return _outcome_of_reply(exc.reply)
         except DownstreamTimeout as exc:
-            return Outcome(str(exc), Code.DEADLINE_EXCEEDED, retryable=True)
+            return Outcome(str(exc), Code.DEADLINE_EXCEEDED)
         except DownstreamUnreachable as exc:
             return Outcome(str(exc), Code.UNAVAILABLE)
         return _outcome_of_reply(reply)
+
+    async def _send_with_retry(self, name: str) -> Reply:
+        try:
+            return await self._send(name)
+        except (FailedReply, DownstreamTimeout) as exc:
+            retryable = isinstance(exc, DownstreamTimeout) or (
+                exc.reply.status in RETRYABLE_STATUSES
+            )
+            if not (retryable and self._budget.try_acquire()):
+                raise
+            logger.debug("retrying custom-lang", extra={"reason": str(exc)})
+        return await self._send(name)
 
     async def _send(self, name: str) -> Reply:
         reply = await self._custom_lang.invoke(name)
