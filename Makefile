@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup up test lint format gen clean help
+.PHONY: setup up test lint format gen web clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -34,6 +34,11 @@ format: setup ## apply ruff's fixes and formatting
 gen: setup ## regenerate src/microapp/gen from proto/ with buf
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/buf lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/buf generate
+
+web: setup ## rebuild the web console bundle from web/ and proto/ (needs Node.js and npm)
+	cd web && npm ci
+	$(BIN)/buf generate --template buf.gen.web.yaml
+	cd web && ./node_modules/.bin/tsc --noEmit && node build.mjs
 
 clean: ## remove the venv and local data
 	rm -rf $(VENV) .microapp .pytest_cache
