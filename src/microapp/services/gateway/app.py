@@ -19,6 +19,7 @@ from microapp.platform.db import Database
 from microapp.platform.http import ConnectService, Lifecycle, ServiceParts, build_app
 from microapp.platform.migrations import load_migrations
 from microapp.platform.retry_budget import RetryBudget
+from microapp.platform.telemetry import observe
 from microapp.services.gateway.downstream import CustomLangClient
 from microapp.services.gateway.service import (
     BreakerStatusRoute,
@@ -70,6 +71,29 @@ class GatewaySettings:
         )
 
 
+class ResilienceGauges:
+    """Reports the breaker and the retry budget as OpenTelemetry gauges (when exporting)."""
+
+    STATE_NUMBERS = {"closed": 0, "half_open": 1, "open": 2}
+
+    def __init__(self, breaker: CircuitBreaker, budget: RetryBudget) -> None:
+        self._breaker = breaker
+        self._budget = budget
+
+    async def start(self) -> None:
+        breaker, budget = self._breaker, self._budget
+        observe(
+            "microapp.breaker.state",
+            lambda: self.STATE_NUMBERS[breaker.state_name],
+            description="0 closed, 1 half-open, 2 open",
+        )
+        observe("microapp.breaker.consecutive_failures", lambda: breaker.consecutive_failures)
+        observe("microapp.retry_budget.tokens", lambda: budget.tokens)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
 def create_app(
     settings: GatewaySettings,
     *,
@@ -100,6 +124,7 @@ def create_app(
         name="custom-lang",
     )
     budget = RetryBudget(settings.retry_capacity, settings.retry_refill_per_s, clock=clock)
+    components.append(ResilienceGauges(breaker, budget))
     handler = GatewayHandler(ResilientInvoker(custom_lang, breaker, budget), database)
     status = BreakerStatusRoute(breaker, budget)
     return build_app(
