@@ -36,7 +36,7 @@ class Database:
         migrations: Sequence[Migration],
         *,
         max_size: int = 10,
-        acquire_timeout: float = 1.0,
+        acquire_timeout: float = 5.0,
         probe_interval: float = 1.0,
         health_timeout: float = 1.0,
     ) -> None:
@@ -94,7 +94,11 @@ class Database:
         try:
             async with self._pool.connection() as conn:
                 yield conn
-        except (psycopg.OperationalError, PoolTimeout) as exc:
+        except PoolTimeout as exc:
+            # Every connection is busy: the service is overloaded, the database is not
+            # down. Refuse this write, but do not refuse the next ones.
+            raise DatabaseUnavailable(f"no database connection free: {exc}") from exc
+        except psycopg.OperationalError as exc:
             self._mark_failed(exc)
             raise DatabaseUnavailable(str(exc)) from exc
 
@@ -109,13 +113,20 @@ class Database:
             await cur.executemany(sql, rows)
 
     async def healthy(self) -> bool:
-        """`SELECT 1` within the health timeout, on a ready database."""
+        """`SELECT 1` within the health timeout, on a ready database.
+
+        Asked on its own connection rather than the pool's, so that a busy pool under
+        load does not read as a database that is down.
+        """
         if not self._ready.is_set():
             return False
         try:
-            async with asyncio.timeout(self._health_timeout), self.connection() as conn:
+            async with (
+                asyncio.timeout(self._health_timeout),
+                await AsyncConnection.connect(self._url, autocommit=True) as conn,
+            ):
                 await conn.execute("SELECT 1")
-        except (DatabaseUnavailable, TimeoutError, psycopg.Error) as exc:
+        except (TimeoutError, psycopg.Error) as exc:
             self._mark_failed(exc)
             return False
         return True
@@ -140,6 +151,9 @@ class Database:
     async def _watch(self) -> None:
         while True:
             if await self._try_connect_and_migrate():
+                # Connections opened before the outage are dead: drop them now rather
+                # than fail the first writes after it.
+                await self._pool.check()
                 self._failed.clear()
                 self._ready.set()
                 logger.info("database ready")
