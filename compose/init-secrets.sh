@@ -11,7 +11,8 @@ if [ ! -f .env ]; then
   cat > .env <<ENV
 # Made by init-secrets.sh; never commit this file.
 POSTGRES_PASSWORD=$password
-# With \`docker compose --profile observability up\`, send telemetry to the collector:
+# Uncomment both to run the OpenTelemetry collector and Jaeger and send telemetry there:
+# COMPOSE_PROFILES=observability
 # OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318
 ENV
   echo "wrote compose/.env"

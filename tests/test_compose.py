@@ -25,6 +25,7 @@ import yaml
 from packaging.specifiers import SpecifierSet
 
 from microapp.services import SERVICES, ServiceSpec
+from tests.support.commands import BIN, run
 from tests.support.external import ExternalServer
 from tests.support.services import ServiceProcess
 from tests.support.traefik import TraefikProcess, file_provider_objects
@@ -337,38 +338,75 @@ class RoutedSystem:
         self.url = traefik.url
 
 
-def loopback_routes(services: dict[str, ServiceProcess]) -> dict[str, Any]:
-    """compose's dynamic configuration with each `name:port` pointed at its process."""
-    text = yaml.safe_dump(traefik_dynamic())
-    for name, process in services.items():
+def on_loopback(text: str, processes: dict[str, ServiceProcess]) -> str:
+    """`text` with each compose address `//name:port` pointed at that service's process."""
+    for name, process in processes.items():
         text = text.replace(
             f"//{name}:{SERVICES[name].default_port}", f"//127.0.0.1:{process.port}"
         )
-    return yaml.safe_load(text)
+    return text
+
+
+def compose_environment(name: str, processes: dict[str, ServiceProcess]) -> dict[str, str]:
+    """A service's compose environment, with the addresses of the other services on loopback.
+
+    The database and telemetry are left out: routing is what these tests are about.
+    """
+    env = {k: interpolate(v, DOT_ENV) for k, v in env_of(compose()["services"][name]).items()}
+    for variable in ("DATABASE_URL", "PORT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        env.pop(variable, None)
+    return json.loads(on_loopback(json.dumps(env), processes))
+
+
+def write_private_key(path: Path) -> Path:
+    """What init-secrets.sh makes: an RSA 2048 private key in PEM."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
 
 
 @pytest.fixture(scope="module")
 async def routed(
     external: ExternalServer, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RoutedSystem]:
-    processes = {name: ServiceProcess(name) for name in SERVICES}
-    key_dir = tmp_path_factory.mktemp("auth-key")
-    wiring = {
-        "greeter": {
-            "CALLER_BASE_URL": processes["caller"].url,
-            "EXTERNAL_API_URL": external.url(size=42),
-        },
-        "gateway": {"CUSTOM_LANG_BASE_URL": processes["custom-lang"].url},
-        "auth": {"AUTH_DEV_KEY_DIR": str(key_dir)},
+    secrets = tmp_path_factory.mktemp("secrets")
+    # Instead of the compose-only values: the outside world and the secret file.
+    overrides = {
+        "greeter": {"EXTERNAL_API_URL": external.url(size=42)},
+        "auth": {"AUTH_PRIVATE_KEY_FILE": str(write_private_key(secrets / "auth.pem"))},
     }
-    for name, env in wiring.items():
-        processes[name] = ServiceProcess(name, env)
+    # Build each process once the services its environment points at have their ports.
+    processes: dict[str, ServiceProcess] = {}
+    while len(processes) < len(SERVICES):
+        progressed = False
+        for name in SERVICES:
+            env = env_of(compose()["services"][name])
+            needs = {
+                other
+                for other in SERVICES
+                if other != name
+                and any(f"//{other}:{SERVICES[other].default_port}" in v for v in env.values())
+            }
+            if name not in processes and needs <= set(processes):
+                environment = compose_environment(name, processes) | overrides.get(name, {})
+                processes[name] = ServiceProcess(name, environment)
+                progressed = True
+        assert progressed, "the services' addresses in compose form a cycle"
     started: list[ServiceProcess] = []
     try:
         for process in processes.values():
             await process.start()
             started.append(process)
-        routes = loopback_routes(processes)
+        routes = yaml.safe_load(on_loopback(yaml.safe_dump(traefik_dynamic()), processes))
         async with TraefikProcess(traefik_static(), routes) as traefik:
             await traefik.start(routers=len(routes["http"]["routers"]))
             yield RoutedSystem(processes, traefik)
@@ -442,6 +480,33 @@ async def test_gateway_call_with_a_token_reaches_gateway_and_custom_lang(
             assert resp.status == 200, await resp.text()
             body = await resp.json()
     assert body["message"] == "Hello Ada from custom-lang-service!"
+
+
+async def test_grpc_call_through_traefik_with_buf_curl_and_the_local_schema(
+    routed: RoutedSystem,
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        token = await login(session, routed.url)
+    # Reflection is not routed through Traefik: buf curl reads the schema from proto/.
+    result = await run(
+        str(BIN / "buf"), "curl", "--schema", str(ROOT), "--protocol", "grpc",
+        "--http2-prior-knowledge", "-H", f"Authorization: Bearer {token}",
+        "-d", '{"name": "Ada"}', f"{routed.url}/greeter.v1.GreeterService/Greet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["message"] == "Hello Ada from greeter-service!"
+
+
+async def test_breaker_state_through_traefik_is_relayed_by_web_from_gateway(
+    routed: RoutedSystem,
+) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{routed.url}/debug/breaker") as resp,
+    ):
+        assert resp.status == 200
+        state = await resp.json()
+    assert state["state"] == "closed"
 
 
 async def test_console_is_served_at_the_root(routed: RoutedSystem) -> None:
