@@ -7,27 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from starlette.applications import Starlette
 
 from microapp.platform.config import CommonSettings
-from microapp.services.auth.app import MIGRATIONS_PACKAGE as AUTH_MIGRATIONS
-from microapp.services.auth.app import AuthSettings
-from microapp.services.auth.app import create_app as create_auth
-from microapp.services.caller.app import MIGRATIONS_PACKAGE as CALLER_MIGRATIONS
-from microapp.services.caller.app import CallerSettings
-from microapp.services.caller.app import create_app as create_caller
-from microapp.services.customlang.app import MIGRATIONS_PACKAGE as CUSTOMLANG_MIGRATIONS
-from microapp.services.customlang.app import CustomLangSettings
-from microapp.services.customlang.app import create_app as create_customlang
-from microapp.services.gateway.app import MIGRATIONS_PACKAGE as GATEWAY_MIGRATIONS
-from microapp.services.gateway.app import GatewaySettings
-from microapp.services.gateway.app import create_app as create_gateway
-from microapp.services.greeter.app import MIGRATIONS_PACKAGE as GREETER_MIGRATIONS
-from microapp.services.greeter.app import GreeterSettings
-from microapp.services.greeter.app import create_app as create_greeter
-from microapp.services.web.app import WebSettings
-from microapp.services.web.app import create_app as create_web
+from microapp.services.auth import app as auth
+from microapp.services.caller import app as caller
+from microapp.services.customlang import app as customlang
+from microapp.services.gateway import app as gateway
+from microapp.services.greeter import app as greeter
+from microapp.services.web import app as web
 
 
 @dataclass(frozen=True)
@@ -36,6 +26,9 @@ class BuiltService:
 
     settings: CommonSettings
     app: Starlette
+
+
+Builder = Callable[[Mapping[str, str]], BuiltService]
 
 
 @dataclass(frozen=True)
@@ -49,37 +42,27 @@ class ServiceSpec:
     migrations_package: str | None
     # Connect service paths it answers, e.g. "/greeter.v1.GreeterService".
     connect_paths: tuple[str, ...]
-    build: Callable[[Mapping[str, str]], BuiltService]
+    build: Builder
 
 
-def _build_greeter(env: Mapping[str, str]) -> BuiltService:
-    settings = GreeterSettings.from_env(env)
-    return BuiltService(settings.common, create_greeter(settings))
+class _Settings(Protocol):
+    @property
+    def common(self) -> CommonSettings: ...
 
 
-def _build_caller(env: Mapping[str, str]) -> BuiltService:
-    settings = CallerSettings.from_env(env)
-    return BuiltService(settings.common, create_caller(settings))
+S = TypeVar("S", bound=_Settings)
 
 
-def _build_gateway(env: Mapping[str, str]) -> BuiltService:
-    settings = GatewaySettings.from_env(env)
-    return BuiltService(settings.common, create_gateway(settings))
+def _builder(
+    from_env: Callable[[Mapping[str, str]], S], create: Callable[[S], Starlette]
+) -> Builder:
+    """Read a service's settings from the environment, then build its app from them."""
 
+    def build(env: Mapping[str, str]) -> BuiltService:
+        settings = from_env(env)
+        return BuiltService(settings.common, create(settings))
 
-def _build_customlang(env: Mapping[str, str]) -> BuiltService:
-    settings = CustomLangSettings.from_env(env)
-    return BuiltService(settings.common, create_customlang(settings))
-
-
-def _build_web(env: Mapping[str, str]) -> BuiltService:
-    settings = WebSettings.from_env(env)
-    return BuiltService(settings.common, create_web(settings))
-
-
-def _build_auth(env: Mapping[str, str]) -> BuiltService:
-    settings = AuthSettings.from_env(env)
-    return BuiltService(settings.common, create_auth(settings))
+    return build
 
 
 SERVICES: dict[str, ServiceSpec] = {
@@ -90,45 +73,45 @@ SERVICES: dict[str, ServiceSpec] = {
             default_port=8080,
             otel_service_name="greeter-service",
             database="greeter_db",
-            migrations_package=GREETER_MIGRATIONS,
+            migrations_package=greeter.MIGRATIONS_PACKAGE,
             connect_paths=("/greeter.v1.GreeterService",),
-            build=_build_greeter,
+            build=_builder(greeter.GreeterSettings.from_env, greeter.create_app),
         ),
         ServiceSpec(
             name="caller",
             default_port=8081,
             otel_service_name="caller-service",
             database="caller_db",
-            migrations_package=CALLER_MIGRATIONS,
+            migrations_package=caller.MIGRATIONS_PACKAGE,
             connect_paths=("/caller.v1.CallerService",),
-            build=_build_caller,
+            build=_builder(caller.CallerSettings.from_env, caller.create_app),
         ),
         ServiceSpec(
             name="gateway",
             default_port=8082,
             otel_service_name="gateway-service",
             database="gateway_db",
-            migrations_package=GATEWAY_MIGRATIONS,
+            migrations_package=gateway.MIGRATIONS_PACKAGE,
             connect_paths=("/gateway.v1.GatewayService",),
-            build=_build_gateway,
+            build=_builder(gateway.GatewaySettings.from_env, gateway.create_app),
         ),
         ServiceSpec(
             name="custom-lang",
             default_port=3000,
             otel_service_name="custom-lang-service",
             database="lang_db",
-            migrations_package=CUSTOMLANG_MIGRATIONS,
+            migrations_package=customlang.MIGRATIONS_PACKAGE,
             connect_paths=("/customlang.v1.CustomLangService",),
-            build=_build_customlang,
+            build=_builder(customlang.CustomLangSettings.from_env, customlang.create_app),
         ),
         ServiceSpec(
             name="auth",
             default_port=8090,
             otel_service_name="auth-service",
             database="auth_db",
-            migrations_package=AUTH_MIGRATIONS,
+            migrations_package=auth.MIGRATIONS_PACKAGE,
             connect_paths=("/auth.v1.AuthService",),
-            build=_build_auth,
+            build=_builder(auth.AuthSettings.from_env, auth.create_app),
         ),
         ServiceSpec(
             name="web",
@@ -137,7 +120,7 @@ SERVICES: dict[str, ServiceSpec] = {
             database=None,
             migrations_package=None,
             connect_paths=(),
-            build=_build_web,
+            build=_builder(web.WebSettings.from_env, web.create_app),
         ),
     )
 }
