@@ -1,6 +1,6 @@
 """`microapp up`: the whole system on this machine, one process per service, one command.
 
-Starts (or finds) the database, applies nothing itself (each service migrates at startup),
+Starts (or finds) the database (each service applies its own migrations at startup),
 starts every service of the registry on its default port on 127.0.0.1, waits for every
 /healthz, prints where everything is, and on Ctrl-C or SIGTERM stops the services
 gracefully (each drains) and then the database.
@@ -308,7 +308,10 @@ class Up:
                     self.console.plain(f"--- last lines of {service.log_path} ---")
                     self.console.plain(service.log_tail())
                     return 1
-                self.console.ok(f"{service.spec.name} healthy ({time.monotonic() - started:.1f} s)")
+                # /healthz answers 200 only once the service's migrations are applied.
+                migrated = ", migrations applied" if service.spec.name in db_urls else ""
+                took = time.monotonic() - started
+                self.console.ok(f"{service.spec.name} healthy ({took:.1f} s{migrated})")
         self._print_summary(external_url)
         return await self._supervise(stop)
 
