@@ -8,17 +8,20 @@ import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from connectrpc.interceptor import Interceptor
 from connectrpc.server import ConnectASGIApplication
 from google.protobuf.descriptor import FileDescriptor
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from microapp.platform.authn import with_token_check
 from microapp.platform.config import CommonSettings
@@ -85,7 +88,7 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
             interceptors=list(parts.interceptors),
             read_max_bytes=settings.max_body_bytes,
         )
-        mounts.append(Mount(app.path, app=app))
+        mounts.append(Mount(app.path, app=_grpc_needs_trailers(app)))
     for reflection in reflection_apps(parts.proto_files):
         mounts.append(Mount(reflection.path, app=reflection))
 
@@ -126,6 +129,36 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
         },
         lifespan=_lifespan(settings, parts),
     )
+
+
+def _grpc_needs_trailers(app: ASGIApp) -> ASGIApp:
+    """gRPC (not gRPC-Web) carries its status in HTTP trailers, which the server offers on
+    HTTP/2 only. Over HTTP/1.1 answer `unimplemented` in the headers (a trailers-only
+    response) instead of letting the Connect app raise and log a traceback per request."""
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "http.response.trailers" not in scope.get("extensions", {}):
+            content_type = Headers(scope=scope).get("content-type", "")
+            if content_type.startswith("application/grpc") and not content_type.startswith(
+                "application/grpc-web"
+            ):
+                message = "gRPC needs HTTP/2; over HTTP/1.1 use Connect or gRPC-Web"
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"application/grpc"),
+                            (b"grpc-status", b"12"),
+                            (b"grpc-message", quote(message).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": b""})
+                return
+        await app(scope, receive, send)
+
+    return guarded
 
 
 def _rest_tracing(mounts: Sequence[BaseRoute]) -> Middleware:

@@ -42,9 +42,40 @@ def hypercorn_config(options: ServerOptions) -> Config:
     return config
 
 
+def ignore_body_frames_after_the_answer() -> None:
+    """Keep an h2c connection alive when body frames arrive for a stream already answered.
+
+    Hypercorn 0.18 looks such a stream up after closing it and the KeyError tears down
+    the whole connection, failing every other request multiplexed on it (a proxy's, a
+    service client's). A server may answer before reading the body (wrong content type,
+    oversized body), so this is ordinary traffic. Upstream: pgjones/hypercorn#329.
+    """
+    import h2.events
+    from hypercorn.protocol.h2 import H2Protocol
+
+    handle_events = H2Protocol._handle_events
+    if getattr(handle_events, "ignores_late_body_frames", False):
+        return
+
+    async def _handle_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
+        # One event at a time: answering one event can close the stream the next is for.
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                self.connection.acknowledge_received_data(
+                    event.flow_controlled_length, event.stream_id
+                )
+                await self._flush()
+                continue
+            await handle_events(self, [event])
+
+    _handle_events.ignores_late_body_frames = True  # type: ignore[attr-defined]
+    H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
+
+
 async def serve_until_signalled(app: ASGIFramework, options: ServerOptions) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight requests,
     run the app's shutdown (which drains queues and closes pools) and return."""
+    ignore_body_frames_after_the_answer()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

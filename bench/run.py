@@ -1,0 +1,581 @@
+"""The benchmark harness: `python -m bench.run` (or `make bench`).
+
+Starts every server it measures on a free loopback port, drives it with h2load for a
+bounded time, stops it, and prints requests per second and p50/p99 latency:
+
+  (a) unary   the greeter's Connect unary Greet, built by `greeter.app.create_app` with
+              an in-process fake caller and no database, under each server option, beside
+              the same proto on grpcio's asyncio server (the peer) and the ratio to it;
+  (b) chain   greeter -> caller -> a local external server, PostgreSQL on: the peak, and
+              the p99 overhead of the greeter -> caller hop at 50% of that peak;
+  (c) gateway InvokeCustom through gateway -> custom-lang, PostgreSQL on.
+
+Targets are reported, not asserted. Results also go to a JSON file (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from bench.load import (
+    CONNECT_PROTO_HEADERS,
+    GRPC_HEADERS,
+    LoadResult,
+    LoadShape,
+    grpc_frame,
+    h2load_path,
+    run_h2load,
+)
+from bench.profile import summarize_profile
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+GREET_PATH = "/greeter.v1.GreeterService/Greet"
+CALL_EXTERNAL_PATH = "/caller.v1.CallerService/CallExternal"
+INVOKE_CUSTOM_PATH = "/gateway.v1.GatewayService/InvokeCustom"
+HOP_OVERHEAD_TARGET_MS = 5.0
+EXTERNAL_BODY_BYTES = 1256
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+class Server:
+    """A server process of the benchmark, logging to a file, stopped with SIGTERM."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None):
+        self.name = name
+        self.argv = list(argv)
+        self.env = {**os.environ, **(env or {})}
+        self.log = Path(tempfile.mkstemp(prefix=f"microapp-bench-{name}-", suffix=".log")[1])
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, port: int, *, timeout_s: float = 30.0) -> None:
+        with self.log.open("wb") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=log,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.returncode is not None:
+                raise RuntimeError(f"{self.name} exited early:\n{self.log.read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not listen on {port}")
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        # The whole session: multi-worker servers leave children otherwise.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(15):
+                await self.process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    name: str, argv: Sequence[str], port: int, env: Mapping[str, str] | None = None
+) -> AsyncIterator[Server]:
+    server = Server(name, argv, env)
+    try:
+        await server.start(port)
+        yield server
+    finally:
+        await server.stop()
+
+
+async def wait_http(url: str, status: int = 200, *, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as resp:
+                    if resp.status == status:
+                        return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} never answered {status}")
+            await asyncio.sleep(0.1)
+
+
+def microapp_serve(service: str, port: int) -> list[str]:
+    return [PYTHON, "-m", "microapp", "serve", service, "--host", "127.0.0.1", "--port", str(port)]
+
+
+# ---------------------------------------------------------------------------- (a) unary
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of serving the unary Greet app."""
+
+    label: str
+    server: str  # hypercorn | granian | grpcio
+    loop: str = "uvloop"
+    workers: int = 1
+    keep_alive_max_requests: int = 1_000_000_000
+    h2_max_concurrent_streams: int = 1000
+    protocols: tuple[str, ...] = ("connect",)
+    note: str = ""
+
+    def argv(self, port: int) -> list[str]:
+        return [
+            PYTHON, "-m", "bench.serve", self.server, "--port", str(port),
+            "--loop", self.loop, "--workers", str(self.workers),
+            "--keep-alive-max-requests", str(self.keep_alive_max_requests),
+            "--h2-max-concurrent-streams", str(self.h2_max_concurrent_streams),
+        ]  # fmt: skip
+
+
+HYPERCORN_DEFAULTS = {
+    "loop": "asyncio",
+    "keep_alive_max_requests": 1000,
+    "h2_max_concurrent_streams": 100,
+}
+
+VARIANTS = [
+    Variant(
+        "hypercorn, its own defaults",
+        "hypercorn",
+        **HYPERCORN_DEFAULTS,
+        note="asyncio loop, keep_alive_max_requests 1000, 100 streams",
+    ),
+    Variant("hypercorn + uvloop", "hypercorn", **{**HYPERCORN_DEFAULTS, "loop": "uvloop"}),
+    Variant(
+        "hypercorn + keep_alive_max_requests 1e9",
+        "hypercorn",
+        **{**HYPERCORN_DEFAULTS, "keep_alive_max_requests": 1_000_000_000},
+    ),
+    Variant(
+        "hypercorn + h2 1000 streams",
+        "hypercorn",
+        **{**HYPERCORN_DEFAULTS, "h2_max_concurrent_streams": 1000},
+    ),
+    Variant(
+        "hypercorn, platform options (microapp serve)",
+        "hypercorn",
+        protocols=("connect", "grpc"),
+        note="uvloop, keep_alive_max_requests 1e9, 1000 streams",
+    ),
+    Variant("hypercorn, platform options, 2 workers", "hypercorn", workers=2),
+    Variant(
+        "granian (opt-in --server granian)",
+        "granian",
+        note="Rust HTTP/2; Connect and gRPC-Web only (no ASGI trailers, so no gRPC)",
+    ),
+    Variant("granian, 2 workers", "granian", workers=2),
+]
+GRPCIO_PEER = Variant("grpcio asyncio server (peer)", "grpcio", loop="asyncio", protocols=("grpc",))
+
+
+@dataclass
+class UnaryRow:
+    label: str
+    protocol: str
+    result: LoadResult
+    note: str = ""
+
+
+def greet_bodies() -> dict[str, tuple[bytes, tuple[str, ...]]]:
+    from microapp.gen.greeter.v1.greeter_pb2 import GreetRequest
+
+    message = GreetRequest(name="bench").SerializeToString()
+    return {
+        "connect": (message, CONNECT_PROTO_HEADERS),
+        "grpc": (grpc_frame(message), GRPC_HEADERS),
+    }
+
+
+async def smoke(url: str, body: bytes, headers: tuple[str, ...]) -> None:
+    """A handful of requests that must all succeed before a variant is measured."""
+    result = await run_h2load(
+        url, body, headers, LoadShape(connections=1, streams=1, duration_s=1, warmup_s=0.5)
+    )
+    if result.failed or result.non_2xx or result.succeeded == 0:
+        raise RuntimeError(f"{url} does not answer: {result}")
+
+
+async def bench_unary(shape: LoadShape, variants: Sequence[Variant]) -> list[UnaryRow]:
+    bodies = greet_bodies()
+    rows = []
+    for variant in [*variants, GRPCIO_PEER]:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}{GREET_PATH}"
+        async with serving(variant.label, variant.argv(port), port):
+            for protocol in variant.protocols:
+                body, headers = bodies[protocol]
+                await smoke(url, body, headers)
+                result = await run_h2load(url, body, headers, shape)
+                rows.append(UnaryRow(variant.label, protocol, result, variant.note))
+                print(f"  {variant.label:46} {protocol:8} {result.row()}", flush=True)
+    return rows
+
+
+async def profile_unary(shape: LoadShape, out_dir: Path) -> dict[str, object]:
+    """py-spy on the platform-options Hypercorn server while h2load drives it."""
+    variant = VARIANTS[4]
+    body, headers = greet_bodies()["connect"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}{GREET_PATH}"
+    raw = out_dir / "unary-profile.txt"
+    py_spy = Path(PYTHON).parent / "py-spy"
+    async with serving(variant.label, variant.argv(port), port) as server:
+        assert server.process is not None
+        await smoke(url, body, headers)
+        spy = await asyncio.create_subprocess_exec(
+            str(py_spy), "record", "--pid", str(server.process.pid), "--rate", "250",
+            "--duration", str(int(shape.duration_s)), "--format", "raw",
+            "--output", str(raw), "--nonblocking",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        await asyncio.sleep(0.5)  # let py-spy attach before the load starts
+        result = await run_h2load(url, body, headers, replace(shape, warmup_s=0.5))
+        async with asyncio.timeout(shape.duration_s + 30):
+            await spy.wait()
+    if not raw.exists():
+        return {"error": "py-spy wrote no profile (is ptrace allowed here?)"}
+    summary = summarize_profile(raw.read_text())
+    summary["load_under_profiler"] = asdict(result)
+    summary["raw_file"] = str(raw)
+    return summary
+
+
+# ---------------------------------------------------------------------------- (b), (c)
+
+
+class ExternalTarget:
+    """The "outside world" for the chain: answers 200 with a fixed body, in this process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/resource"
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> ExternalTarget:
+        body = b"x" * EXTERNAL_BODY_BYTES
+
+        async def resource(request: web.Request) -> web.Response:
+            return web.Response(body=body)
+
+        app = web.Application()
+        app.router.add_get("/resource", resource)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def embedded_postgres(databases: Sequence[str]) -> AsyncIterator[object]:
+    from microapp.devdb import EmbeddedPostgres
+
+    with tempfile.TemporaryDirectory(prefix="microapp-bench-pg-") as tmp:
+        pg = EmbeddedPostgres(Path(tmp) / "data", delete_on_close=True)
+        await asyncio.to_thread(pg.start)
+        try:
+            await asyncio.to_thread(pg.create_databases, databases)
+            yield pg
+        finally:
+            await asyncio.to_thread(pg.close)
+
+
+# Telemetry off: the figures are of the stack, not of an exporter.
+SERVICE_ENV = {"LOG_LEVEL": "WARNING", "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
+
+
+@dataclass
+class ChainResult:
+    peak: LoadResult
+    half_rate_per_s: float
+    chain_at_half: LoadResult
+    caller_at_half: LoadResult
+    hop_p99_overhead_ms: float
+    hop_p50_overhead_ms: float
+
+
+def at_rate(shape: LoadShape, total_per_s: float) -> LoadShape:
+    return replace(shape, rate_per_connection=max(1.0, total_per_s / shape.connections))
+
+
+async def bench_chain(shape: LoadShape) -> ChainResult:
+    from microapp.gen.caller.v1.caller_pb2 import CallExternalRequest
+    from microapp.gen.greeter.v1.greeter_pb2 import GreetRequest
+
+    async with embedded_postgres(["greeter_db", "caller_db"]) as pg, ExternalTarget() as ext:
+        caller_port, greeter_port = free_port(), free_port()
+        caller_env = {**SERVICE_ENV, "DATABASE_URL": pg.url("caller_db")}  # type: ignore[attr-defined]
+        greeter_env = {
+            **SERVICE_ENV,
+            "DATABASE_URL": pg.url("greeter_db"),  # type: ignore[attr-defined]
+            "CALLER_BASE_URL": f"http://127.0.0.1:{caller_port}",
+            "EXTERNAL_API_URL": ext.url,
+        }
+        async with (
+            serving("caller", microapp_serve("caller", caller_port), caller_port, caller_env),
+            serving("greeter", microapp_serve("greeter", greeter_port), greeter_port, greeter_env),
+        ):
+            await wait_http(f"http://127.0.0.1:{caller_port}/healthz")
+            await wait_http(f"http://127.0.0.1:{greeter_port}/healthz")
+            greet_url = f"http://127.0.0.1:{greeter_port}{GREET_PATH}"
+            call_url = f"http://127.0.0.1:{caller_port}{CALL_EXTERNAL_PATH}"
+            greet = GreetRequest(name="bench").SerializeToString()
+            call = CallExternalRequest(url=ext.url).SerializeToString()
+            await smoke(greet_url, greet, CONNECT_PROTO_HEADERS)
+            await smoke(call_url, call, CONNECT_PROTO_HEADERS)
+
+            peak = await run_h2load(greet_url, greet, CONNECT_PROTO_HEADERS, shape)
+            print(f"  {'greeter chain, peak':46} {'connect':8} {peak.row()}", flush=True)
+            half = peak.requests_per_s / 2
+            paced = at_rate(shape, half)
+            chain = await run_h2load(greet_url, greet, CONNECT_PROTO_HEADERS, paced)
+            label = f"greeter chain at {half:.0f}/s (50%)"
+            print(f"  {label:46} {'connect':8} {chain.row()}", flush=True)
+            direct = await run_h2load(call_url, call, CONNECT_PROTO_HEADERS, paced)
+            label = f"caller alone at {half:.0f}/s"
+            print(f"  {label:46} {'connect':8} {direct.row()}", flush=True)
+    return ChainResult(
+        peak=peak,
+        half_rate_per_s=half,
+        chain_at_half=chain,
+        caller_at_half=direct,
+        hop_p99_overhead_ms=chain.p99_ms - direct.p99_ms,
+        hop_p50_overhead_ms=chain.p50_ms - direct.p50_ms,
+    )
+
+
+@dataclass
+class GatewayResult:
+    peak: LoadResult
+    at_half: LoadResult
+    custom_lang_alone: LoadResult
+
+
+async def bench_gateway(shape: LoadShape) -> GatewayResult | None:
+    from microapp.services import SERVICES
+
+    if "gateway" not in SERVICES or "custom-lang" not in SERVICES:
+        print("  gateway or custom-lang is not in the registry yet: skipped", flush=True)
+        return None
+    from microapp.gen.customlang.v1.customlang_pb2 import InvokeRequest
+    from microapp.gen.gateway.v1.gateway_pb2 import InvokeCustomRequest
+
+    async with embedded_postgres(["gateway_db", "lang_db"]) as pg:
+        lang_port, gateway_port = free_port(), free_port()
+        lang_env = {**SERVICE_ENV, "DATABASE_URL": pg.url("lang_db")}  # type: ignore[attr-defined]
+        gateway_env = {
+            **SERVICE_ENV,
+            "DATABASE_URL": pg.url("gateway_db"),  # type: ignore[attr-defined]
+            "CUSTOM_LANG_BASE_URL": f"http://127.0.0.1:{lang_port}",
+        }
+        async with (
+            serving("custom-lang", microapp_serve("custom-lang", lang_port), lang_port, lang_env),
+            serving("gateway", microapp_serve("gateway", gateway_port), gateway_port, gateway_env),
+        ):
+            await wait_http(f"http://127.0.0.1:{lang_port}/healthz")
+            await wait_http(f"http://127.0.0.1:{gateway_port}/healthz")
+            url = f"http://127.0.0.1:{gateway_port}{INVOKE_CUSTOM_PATH}"
+            lang_url = f"http://127.0.0.1:{lang_port}/customlang.v1.CustomLangService/Invoke"
+            body = InvokeCustomRequest(name="bench").SerializeToString()
+            lang_body = InvokeRequest(name="bench").SerializeToString()
+            await smoke(url, body, CONNECT_PROTO_HEADERS)
+            peak = await run_h2load(url, body, CONNECT_PROTO_HEADERS, shape)
+            print(f"  {'gateway -> custom-lang, peak':46} {'connect':8} {peak.row()}", flush=True)
+            half = peak.requests_per_s / 2
+            paced = at_rate(shape, half)
+            at_half = await run_h2load(url, body, CONNECT_PROTO_HEADERS, paced)
+            label = f"gateway -> custom-lang at {half:.0f}/s (50%)"
+            print(f"  {label:46} {'connect':8} {at_half.row()}", flush=True)
+            alone = await run_h2load(lang_url, lang_body, CONNECT_PROTO_HEADERS, paced)
+            label = f"custom-lang alone at {half:.0f}/s"
+            print(f"  {label:46} {'connect':8} {alone.row()}", flush=True)
+    return GatewayResult(peak=peak, at_half=at_half, custom_lang_alone=alone)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+PACKAGES_REPORTED = (
+    "hypercorn", "h2", "uvloop", "connectrpc", "protobuf", "starlette", "granian", "grpcio",
+)  # fmt: skip
+
+
+def machine() -> dict[str, object]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {d: version(d) for d in PACKAGES_REPORTED},
+        "h2load": h2load_path(),
+    }
+
+
+@dataclass
+class Report:
+    machine: dict[str, object]
+    shape: LoadShape
+    unary: list[UnaryRow] = field(default_factory=list)
+    chain: ChainResult | None = None
+    gateway: GatewayResult | None = None
+    profile: dict[str, object] | None = None
+
+
+def print_summary(report: Report) -> None:
+    print("\n== summary")
+    peer = next((r for r in report.unary if r.label == GRPCIO_PEER.label), None)
+    if peer is not None and peer.result.requests_per_s > 0:
+        microapp_rows = [r for r in report.unary if r.label != GRPCIO_PEER.label]
+        base = peer.result.requests_per_s
+        print(f"(a) grpcio peer: {base:.0f} req/s. microapp / grpcio:")
+        for row in microapp_rows:
+            ratio = row.result.requests_per_s / base
+            print(f"    {ratio:5.2f} x  {row.label} [{row.protocol}]")
+        hypercorn_rows = [r for r in microapp_rows if r.label.startswith("hypercorn")]
+        best = max(microapp_rows, key=lambda r: r.result.requests_per_s)
+        default = next(r for r in microapp_rows if r.label == VARIANTS[0].label)
+        verdict = "met" if best.result.requests_per_s >= base else "NOT met"
+        print(
+            f"    target >= 1.0 x grpcio: {verdict} by {best.label} [{best.protocol}] "
+            f"({best.result.requests_per_s / base:.2f} x); Hypercorn default "
+            f"{default.result.requests_per_s / base:.2f} x; best Hypercorn "
+            f"{max(r.result.requests_per_s for r in hypercorn_rows) / base:.2f} x"
+        )
+    if report.chain is not None:
+        c = report.chain
+        verdict = "met" if c.hop_p99_overhead_ms < HOP_OVERHEAD_TARGET_MS else "NOT met"
+        print(
+            f"(b) chain peak {c.peak.requests_per_s:.0f} req/s; at 50% ({c.half_rate_per_s:.0f}/s) "
+            f"p99 {c.chain_at_half.p99_ms:.2f} ms vs caller alone {c.caller_at_half.p99_ms:.2f} ms"
+            f" -> hop p99 overhead {c.hop_p99_overhead_ms:.2f} ms "
+            f"(target < {HOP_OVERHEAD_TARGET_MS:g} ms: {verdict})"
+        )
+    if report.gateway is not None:
+        g = report.gateway
+        print(
+            f"(c) gateway peak {g.peak.requests_per_s:.0f} req/s, p50 {g.peak.p50_ms:.2f} ms, "
+            f"p99 {g.peak.p99_ms:.2f} ms; at 50% p99 {g.at_half.p99_ms:.2f} ms "
+            f"(custom-lang alone {g.custom_lang_alone.p99_ms:.2f} ms)"
+        )
+    if report.profile and "by_package" in report.profile:
+        print("profile of (a), platform options, share of CPU samples by package (self time):")
+        for name, share in report.profile["by_package"].items():  # type: ignore[union-attr]
+            print(f"    {share * 100:5.1f} %  {name}")
+
+
+async def main_async(args: argparse.Namespace) -> Report:
+    shape = LoadShape(
+        connections=args.connections,
+        streams=args.streams,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+    )
+    report = Report(machine=machine(), shape=shape)
+    print(f"machine: {json.dumps(report.machine)}")
+    print(f"load: h2load -c {shape.connections} -m {shape.streams} -D {shape.duration_s:g} "
+          f"--warm-up-time {shape.warmup_s:g} (h2c, prior knowledge)", flush=True)  # fmt: skip
+    out_dir = Path(args.out).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "unary" in args.scenarios:
+        print("\n== (a) unary Greet, fake caller, no database", flush=True)
+        variants = VARIANTS if not args.only_platform else [VARIANTS[0], VARIANTS[4]]
+        report.unary = await bench_unary(shape, variants)
+    if "chain" in args.scenarios:
+        print("\n== (b) greeter -> caller -> external, PostgreSQL on", flush=True)
+        report.chain = await bench_chain(replace(shape, streams=max(1, shape.streams // 2)))
+    if "gateway" in args.scenarios:
+        print("\n== (c) gateway -> custom-lang, PostgreSQL on", flush=True)
+        report.gateway = await bench_gateway(replace(shape, streams=max(1, shape.streams // 2)))
+    if "profile" in args.scenarios:
+        print("\n== profile of (a) with py-spy", flush=True)
+        report.profile = await profile_unary(shape, out_dir)
+    return report
+
+
+SCENARIOS = ("unary", "chain", "gateway", "profile")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        help=f"what to measure (default: all of {', '.join(SCENARIOS)})",
+    )
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
+    parser.add_argument("--connections", type=int, default=8, help="h2load -c")
+    parser.add_argument("--streams", type=int, default=32, help="h2load -m (streams/connection)")
+    parser.add_argument(
+        "--only-platform", action="store_true", help="(a): Hypercorn default and platform only"
+    )
+    parser.add_argument(
+        "--out", default=str(ROOT / ".microapp" / "bench" / "results.json"), help="JSON results"
+    )
+    args = parser.parse_args(argv)
+    args.scenarios = args.scenarios or list(SCENARIOS)
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(sorted(unknown))}; choose from {SCENARIOS}")
+    if args.duration <= 0 or args.duration > 120:
+        parser.error("--duration must be in (0, 120] seconds")
+    h2load_path()
+    report = asyncio.run(main_async(args))
+    print_summary(report)
+    Path(args.out).write_text(json.dumps(asdict(report), indent=2, default=str))
+    print(f"\nresults: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
