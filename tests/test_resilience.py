@@ -380,8 +380,9 @@ class MetricsReceiver:
             for scope in resource.scope_metrics:
                 for metric in scope.metrics:
                     kind = metric.WhichOneof("data")
-                    points = getattr(metric, kind).data_points if kind else []
-                    for point in points:
+                    if kind not in {"sum", "gauge"}:
+                        continue  # histograms have no single value
+                    for point in getattr(metric, kind).data_points:
                         number = point.WhichOneof("value")
                         self.values[metric.name] = getattr(point, number)
         return web.Response(content_type="application/x-protobuf", body=b"")
