@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -524,3 +526,46 @@ async def test_a_request_answered_before_its_body_arrives_leaves_the_h2c_connect
         status, alive = await _h2_response(reader, conn, 3)
         writer.close()
         assert (status, alive) == (200, True), lang.logs()[-2000:]
+
+
+# ---------------------------------------------------------------------------- opt-in server
+
+
+async def test_granian_server_option_serves_connect_and_drains_the_call_log_on_sigterm(
+    postgres: TestPostgres, external: ExternalServer
+) -> None:
+    db = postgres.fresh_database("res_granian")
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "microapp", "serve", "caller", "--server", "granian",
+        "--host", "127.0.0.1", "--port", str(port),
+        env={**os.environ, "DATABASE_URL": db}, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await eventually(lambda: _answers(url + "/healthz", 200), timeout=30)
+        async with CallerServiceClient(url) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.call_external(CallExternalRequest(url=external.url(size=i)))
+                    for i in range(20)
+                )
+            )
+        assert [r.body_length for r in responses] == list(range(20))
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    rows = query(db, "SELECT body_length FROM call_logs ORDER BY body_length")
+    assert [r[0] for r in rows] == list(range(20))
+
+
+async def _answers(url: str, status: int) -> bool:
+    try:
+        return await _status(url) == status
+    except aiohttp.ClientError:
+        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import importlib.util
 import logging
 import os
 import sys
@@ -40,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port", type=int, help="port to listen on (default: $PORT or the service's)"
     )
+    serve.add_argument(
+        "--server",
+        choices=["hypercorn", "granian"],
+        default="hypercorn",
+        help="ASGI server (default: hypercorn; granian is faster but serves no gRPC, only "
+        "Connect and gRPC-Web: see docs/benchmarks.md)",
+    )
 
     mig = commands.add_parser(
         "migrate",
@@ -71,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     spec = SERVICES[args.service]
+    if args.server == "granian" and importlib.util.find_spec("granian") is None:
+        print("microapp serve: --server granian needs: pip install granian", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     if args.host:
         env["HOST"] = args.host
@@ -86,7 +97,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"microapp serve {spec.name}: {exc}", file=sys.stderr)
         return 2
     try:
-        run(built.app, ServerOptions(host=built.settings.host, port=built.settings.port))
+        options = ServerOptions(
+            host=built.settings.host, port=built.settings.port, server=args.server
+        )
+        run(built.app, options)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             print(

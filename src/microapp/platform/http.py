@@ -132,9 +132,10 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
 
 
 def _grpc_needs_trailers(app: ASGIApp) -> ASGIApp:
-    """gRPC (not gRPC-Web) carries its status in HTTP trailers, which the server offers on
-    HTTP/2 only. Over HTTP/1.1 answer `unimplemented` in the headers (a trailers-only
-    response) instead of letting the Connect app raise and log a traceback per request."""
+    """gRPC (not gRPC-Web) carries its status in HTTP trailers, which Hypercorn offers on
+    HTTP/2 only (and Granian not at all). Without them answer `unimplemented` in the
+    headers (a trailers-only response) instead of letting the Connect app raise and log a
+    traceback per request."""
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and "http.response.trailers" not in scope.get("extensions", {}):
@@ -142,7 +143,7 @@ def _grpc_needs_trailers(app: ASGIApp) -> ASGIApp:
             if content_type.startswith("application/grpc") and not content_type.startswith(
                 "application/grpc-web"
             ):
-                message = "gRPC needs HTTP/2; over HTTP/1.1 use Connect or gRPC-Web"
+                message = "gRPC needs HTTP/2 trailers, not offered here; use Connect or gRPC-Web"
                 await send(
                     {
                         "type": "http.response.start",
