@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup up test lint format gen web clean help
+.PHONY: setup up test lint format gen web bench clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -39,6 +39,10 @@ web: setup ## rebuild the web console bundle from web/ and proto/ (needs Node.js
 	cd web && npm ci
 	$(BIN)/buf generate --template buf.gen.web.yaml
 	cd web && ./node_modules/.bin/tsc --noEmit && node build.mjs
+
+bench: setup ## measure throughput and latency (needs h2load: apt-get install nghttp2-client)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean: ## remove the venv and local data
 	rm -rf $(VENV) .microapp .pytest_cache

@@ -11,7 +11,7 @@ import asyncio
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 CONNECT_PROTO_HEADERS = ("content-type: application/proto", "connect-protocol-version: 1")
@@ -41,11 +41,16 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    # Seconds between the first and the last request started; well short of the
+    # duration when the server closed the connections (h2load does not reconnect).
+    active_s: float = 0.0
+    stopped_early: bool = False
 
     def row(self) -> str:
+        early = "  STOPPED EARLY: server closed the connections" if self.stopped_early else ""
         return (
             f"{self.requests_per_s:9.0f} req/s  p50 {self.p50_ms:7.2f} ms  "
-            f"p99 {self.p99_ms:7.2f} ms  failed {self.failed + self.non_2xx}"
+            f"p99 {self.p99_ms:7.2f} ms  failed {self.failed + self.non_2xx}{early}"
         )
 
 
@@ -103,7 +108,8 @@ async def run_h2load(
         text = out.decode(errors="replace")
         if proc.returncode != 0:
             raise RuntimeError(f"h2load exited {proc.returncode}:\n{text[-2000:]}")
-        return _parse(text, log_file.read_text() if log_file.exists() else "")
+        result = _parse(text, log_file.read_text() if log_file.exists() else "")
+        return replace(result, stopped_early=result.active_s < 0.8 * shape.duration_s)
 
 
 def _duration(seconds: float) -> str:
@@ -116,11 +122,13 @@ def _parse(summary: str, log: str) -> LoadResult:
     if finished is None or counts is None:
         raise RuntimeError(f"cannot read h2load's summary:\n{summary[-2000:]}")
     latencies: list[float] = []
+    starts: list[int] = []
     non_2xx = 0
     for line in log.splitlines():
         fields = line.split("\t")
         if len(fields) < 3:
             continue
+        starts.append(int(fields[0]))
         status, micros = int(fields[1]), int(fields[2])
         if status <= 0:
             continue  # cut off when the duration ended: no answer to time
@@ -136,4 +144,5 @@ def _parse(summary: str, log: str) -> LoadResult:
         p50_ms=percentile(latencies, 0.50),
         p99_ms=percentile(latencies, 0.99),
         max_ms=latencies[-1] if latencies else float("nan"),
+        active_s=(max(starts) - min(starts)) / 1e6 if starts else 0.0,
     )

@@ -192,11 +192,11 @@ VARIANTS = [
     ),
     Variant("hypercorn, platform options, 2 workers", "hypercorn", workers=2),
     Variant(
-        "granian (opt-in --server granian)",
+        "granian (microapp serve --server granian)",
         "granian",
         note="Rust HTTP/2; Connect and gRPC-Web only (no ASGI trailers, so no gRPC)",
     ),
-    Variant("granian, 2 workers", "granian", workers=2),
+    Variant("granian CLI, 2 workers (not offered)", "granian", workers=2),
 ]
 GRPCIO_PEER = Variant("grpcio asyncio server (peer)", "grpcio", loop="asyncio", protocols=("grpc",))
 
@@ -228,20 +228,26 @@ async def smoke(url: str, body: bytes, headers: tuple[str, ...]) -> None:
         raise RuntimeError(f"{url} does not answer: {result}")
 
 
-async def bench_unary(shape: LoadShape, variants: Sequence[Variant]) -> list[UnaryRow]:
+async def bench_unary(shape: LoadShape, variants: Sequence[Variant], rounds: int) -> list[UnaryRow]:
+    """Every variant in turn, `rounds` times over; each keeps its best round, so that a
+    neighbour's burst of load on this shared machine does not decide the comparison."""
     bodies = greet_bodies()
-    rows = []
-    for variant in [*variants, GRPCIO_PEER]:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}{GREET_PATH}"
-        async with serving(variant.label, variant.argv(port), port):
-            for protocol in variant.protocols:
-                body, headers = bodies[protocol]
-                await smoke(url, body, headers)
-                result = await run_h2load(url, body, headers, shape)
-                rows.append(UnaryRow(variant.label, protocol, result, variant.note))
-                print(f"  {variant.label:46} {protocol:8} {result.row()}", flush=True)
-    return rows
+    best: dict[tuple[str, str], UnaryRow] = {}
+    for round_number in range(1, rounds + 1):
+        print(f"  round {round_number} of {rounds}", flush=True)
+        for variant in [*variants, GRPCIO_PEER]:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}{GREET_PATH}"
+            async with serving(variant.label, variant.argv(port), port):
+                for protocol in variant.protocols:
+                    body, headers = bodies[protocol]
+                    await smoke(url, body, headers)
+                    result = await run_h2load(url, body, headers, shape)
+                    print(f"  {variant.label:46} {protocol:8} {result.row()}", flush=True)
+                    key = (variant.label, protocol)
+                    if key not in best or result.requests_per_s > best[key].result.requests_per_s:
+                        best[key] = UnaryRow(variant.label, protocol, result, variant.note)
+    return list(best.values())
 
 
 async def profile_unary(shape: LoadShape, out_dir: Path) -> dict[str, object]:
@@ -328,6 +334,8 @@ class ChainResult:
     caller_at_half: LoadResult
     hop_p99_overhead_ms: float
     hop_p50_overhead_ms: float
+    chain_without_insert_at_half: LoadResult
+    hop_only_p99_overhead_ms: float
 
 
 def at_rate(shape: LoadShape, total_per_s: float) -> LoadShape:
@@ -370,7 +378,19 @@ async def bench_chain(shape: LoadShape) -> ChainResult:
             direct = await run_h2load(call_url, call, CONNECT_PROTO_HEADERS, paced)
             label = f"caller alone at {half:.0f}/s"
             print(f"  {label:46} {'connect':8} {direct.row()}", flush=True)
+            # The same hop without the greeter's synchronous INSERT, to tell them apart.
+            bare_port = free_port()
+            bare_env = {k: v for k, v in greeter_env.items() if k != "DATABASE_URL"}
+            bare_argv = microapp_serve("greeter", bare_port)
+            async with serving("greeter (no database)", bare_argv, bare_port, bare_env):
+                bare_url = f"http://127.0.0.1:{bare_port}{GREET_PATH}"
+                await smoke(bare_url, greet, CONNECT_PROTO_HEADERS)
+                bare = await run_h2load(bare_url, greet, CONNECT_PROTO_HEADERS, paced)
+            label = f"greeter without its INSERT at {half:.0f}/s"
+            print(f"  {label:46} {'connect':8} {bare.row()}", flush=True)
     return ChainResult(
+        chain_without_insert_at_half=bare,
+        hop_only_p99_overhead_ms=bare.p99_ms - direct.p99_ms,
         peak=peak,
         half_rate_per_s=half,
         chain_at_half=chain,
@@ -482,7 +502,8 @@ def print_summary(report: Report) -> None:
             ratio = row.result.requests_per_s / base
             print(f"    {ratio:5.2f} x  {row.label} [{row.protocol}]")
         hypercorn_rows = [r for r in microapp_rows if r.label.startswith("hypercorn")]
-        best = max(microapp_rows, key=lambda r: r.result.requests_per_s)
+        offered = [r for r in microapp_rows if "not offered" not in r.label]
+        best = max(offered, key=lambda r: r.result.requests_per_s)
         default = next(r for r in microapp_rows if r.label == VARIANTS[0].label)
         verdict = "met" if best.result.requests_per_s >= base else "NOT met"
         print(
@@ -498,7 +519,8 @@ def print_summary(report: Report) -> None:
             f"(b) chain peak {c.peak.requests_per_s:.0f} req/s; at 50% ({c.half_rate_per_s:.0f}/s) "
             f"p99 {c.chain_at_half.p99_ms:.2f} ms vs caller alone {c.caller_at_half.p99_ms:.2f} ms"
             f" -> hop p99 overhead {c.hop_p99_overhead_ms:.2f} ms "
-            f"(target < {HOP_OVERHEAD_TARGET_MS:g} ms: {verdict})"
+            f"(target < {HOP_OVERHEAD_TARGET_MS:g} ms: {verdict}); without the greeter's "
+            f"INSERT {c.hop_only_p99_overhead_ms:.2f} ms"
         )
     if report.gateway is not None:
         g = report.gateway
@@ -529,7 +551,7 @@ async def main_async(args: argparse.Namespace) -> Report:
     if "unary" in args.scenarios:
         print("\n== (a) unary Greet, fake caller, no database", flush=True)
         variants = VARIANTS if not args.only_platform else [VARIANTS[0], VARIANTS[4]]
-        report.unary = await bench_unary(shape, variants)
+        report.unary = await bench_unary(shape, variants, args.rounds)
     if "chain" in args.scenarios:
         print("\n== (b) greeter -> caller -> external, PostgreSQL on", flush=True)
         report.chain = await bench_chain(replace(shape, streams=max(1, shape.streams // 2)))
@@ -554,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
+    parser.add_argument("--rounds", type=int, default=2, help="(a): best of this many rounds")
     parser.add_argument("--connections", type=int, default=8, help="h2load -c")
     parser.add_argument("--streams", type=int, default=32, help="h2load -m (streams/connection)")
     parser.add_argument(

@@ -41,7 +41,20 @@ def _hypercorn(args: argparse.Namespace) -> None:
 
 
 def _granian(args: argparse.Namespace) -> None:
-    # Granian's own CLI, in this process: it forks its workers and stops on SIGTERM.
+    if args.workers == 1:
+        # What `microapp serve --server granian` runs: Granian embedded in our loop.
+        from bench.apps import unary_greeter_app
+
+        options = ServerOptions(
+            host="127.0.0.1",
+            port=args.port,
+            h2_max_concurrent_streams=args.h2_max_concurrent_streams,
+            use_uvloop=args.loop == "uvloop",
+            server="granian",
+        )
+        run(unary_greeter_app(), options)
+        return
+    # Several workers: Granian's own CLI, which forks them and stops on SIGTERM.
     argv = [
         "granian", "--interface", "asgi", "--http", "2", "--factory",
         "--host", "127.0.0.1", "--port", str(args.port),

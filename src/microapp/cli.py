@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import importlib.util
 import logging
 import os
 import sys
@@ -79,9 +78,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     spec = SERVICES[args.service]
-    if args.server == "granian" and importlib.util.find_spec("granian") is None:
-        print("microapp serve: --server granian needs: pip install granian", file=sys.stderr)
-        return 2
     env = dict(os.environ)
     if args.host:
         env["HOST"] = args.host

@@ -92,7 +92,7 @@ async def serve_with_granian_until_signalled(app: ASGIFramework, options: Server
 
     About three times Hypercorn's unary throughput here, but Granian offers no ASGI
     trailers, so it serves Connect and gRPC-Web and not gRPC; and its embedded mode is
-    marked experimental. Requires the `granian` package (the `bench` extra).
+    marked experimental.
     """
     from granian.constants import HTTPModes, Interfaces
     from granian.http import HTTP2Settings
