@@ -28,6 +28,8 @@ class LoadShape:
     warmup_s: float = 1.0
     # Requests per second per connection; None means as fast as answers come (closed loop).
     rate_per_connection: float | None = None
+    # A fixed number of requests instead of a duration.
+    requests: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,13 @@ async def run_h2load(
         args = [
             h2load_path(), url,
             "-c", str(shape.connections), "-m", str(shape.streams),
-            "-D", _duration(shape.duration_s), "--warm-up-time", _duration(shape.warmup_s),
             "-d", str(body_file), f"--log-file={log_file}",
         ]  # fmt: skip
+        if shape.requests is not None:
+            args += ["-n", str(shape.requests)]
+        else:
+            args += ["-D", _duration(shape.duration_s)]
+            args += ["--warm-up-time", _duration(shape.warmup_s)]
         if shape.rate_per_connection is not None:
             args += ["--rps", f"{shape.rate_per_connection:g}"]
         for header in headers:
@@ -109,6 +115,8 @@ async def run_h2load(
         if proc.returncode != 0:
             raise RuntimeError(f"h2load exited {proc.returncode}:\n{text[-2000:]}")
         result = _parse(text, log_file.read_text() if log_file.exists() else "")
+        if shape.requests is not None:
+            return result
         return replace(result, stopped_early=result.active_s < 0.8 * shape.duration_s)
 
 

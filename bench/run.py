@@ -131,8 +131,11 @@ async def wait_http(url: str, status: int = 200, *, timeout_s: float = 60.0) -> 
             await asyncio.sleep(0.1)
 
 
-def microapp_serve(service: str, port: int) -> list[str]:
-    return [PYTHON, "-m", "microapp", "serve", service, "--host", "127.0.0.1", "--port", str(port)]
+def microapp_serve(service: str, port: int, server: str = "hypercorn") -> list[str]:
+    return [
+        PYTHON, "-m", "microapp", "serve", service, "--host", "127.0.0.1", "--port", str(port),
+        "--server", server,
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- (a) unary
@@ -165,7 +168,10 @@ HYPERCORN_DEFAULTS = {
     "keep_alive_max_requests": 1000,
     "h2_max_concurrent_streams": 100,
 }
+PLATFORM = "hypercorn, platform options (microapp serve)"
 
+# Hypercorn's own defaults, then the platform's options, then each option of the platform
+# changed back alone: what each one is worth.
 VARIANTS = [
     Variant(
         "hypercorn, its own defaults",
@@ -173,24 +179,20 @@ VARIANTS = [
         **HYPERCORN_DEFAULTS,
         note="asyncio loop, keep_alive_max_requests 1000, 100 streams",
     ),
-    Variant("hypercorn + uvloop", "hypercorn", **{**HYPERCORN_DEFAULTS, "loop": "uvloop"}),
     Variant(
-        "hypercorn + keep_alive_max_requests 1e9",
-        "hypercorn",
-        **{**HYPERCORN_DEFAULTS, "keep_alive_max_requests": 1_000_000_000},
-    ),
-    Variant(
-        "hypercorn + h2 1000 streams",
-        "hypercorn",
-        **{**HYPERCORN_DEFAULTS, "h2_max_concurrent_streams": 1000},
-    ),
-    Variant(
-        "hypercorn, platform options (microapp serve)",
+        PLATFORM,
         "hypercorn",
         protocols=("connect", "grpc"),
         note="uvloop, keep_alive_max_requests 1e9, 1000 streams",
     ),
-    Variant("hypercorn, platform options, 2 workers", "hypercorn", workers=2),
+    Variant("platform, asyncio loop instead of uvloop", "hypercorn", loop="asyncio"),
+    Variant(
+        "platform, keep_alive_max_requests 1000",
+        "hypercorn",
+        keep_alive_max_requests=1000,
+    ),
+    Variant("platform, h2 max 100 streams", "hypercorn", h2_max_concurrent_streams=100),
+    Variant("platform, 2 workers", "hypercorn", workers=2),
     Variant(
         "granian (microapp serve --server granian)",
         "granian",
@@ -221,9 +223,7 @@ def greet_bodies() -> dict[str, tuple[bytes, tuple[str, ...]]]:
 
 async def smoke(url: str, body: bytes, headers: tuple[str, ...]) -> None:
     """A handful of requests that must all succeed before a variant is measured."""
-    result = await run_h2load(
-        url, body, headers, LoadShape(connections=1, streams=1, duration_s=1, warmup_s=0.5)
-    )
+    result = await run_h2load(url, body, headers, LoadShape(connections=1, streams=1, requests=20))
     if result.failed or result.non_2xx or result.succeeded == 0:
         raise RuntimeError(f"{url} does not answer: {result}")
 
@@ -252,7 +252,7 @@ async def bench_unary(shape: LoadShape, variants: Sequence[Variant], rounds: int
 
 async def profile_unary(shape: LoadShape, out_dir: Path) -> dict[str, object]:
     """py-spy on the platform-options Hypercorn server while h2load drives it."""
-    variant = VARIANTS[4]
+    variant = VARIANTS[1]
     body, headers = greet_bodies()["connect"]
     port = free_port()
     url = f"http://127.0.0.1:{port}{GREET_PATH}"
@@ -336,13 +336,17 @@ class ChainResult:
     hop_p50_overhead_ms: float
     chain_without_insert_at_half: LoadResult
     hop_only_p99_overhead_ms: float
+    chain_at_tenth: LoadResult
+    caller_at_tenth: LoadResult
+    server: str = "hypercorn"
 
 
 def at_rate(shape: LoadShape, total_per_s: float) -> LoadShape:
     return replace(shape, rate_per_connection=max(1.0, total_per_s / shape.connections))
 
 
-async def bench_chain(shape: LoadShape) -> ChainResult:
+async def bench_chain(shape: LoadShape, server: str) -> ChainResult:
+    """The greeter -> caller hop, both services served by `server`."""
     from microapp.gen.caller.v1.caller_pb2 import CallExternalRequest
     from microapp.gen.greeter.v1.greeter_pb2 import GreetRequest
 
@@ -356,8 +360,15 @@ async def bench_chain(shape: LoadShape) -> ChainResult:
             "EXTERNAL_API_URL": ext.url,
         }
         async with (
-            serving("caller", microapp_serve("caller", caller_port), caller_port, caller_env),
-            serving("greeter", microapp_serve("greeter", greeter_port), greeter_port, greeter_env),
+            serving(
+                "caller", microapp_serve("caller", caller_port, server), caller_port, caller_env
+            ),
+            serving(
+                "greeter",
+                microapp_serve("greeter", greeter_port, server),
+                greeter_port,
+                greeter_env,
+            ),
         ):
             await wait_http(f"http://127.0.0.1:{caller_port}/healthz")
             await wait_http(f"http://127.0.0.1:{greeter_port}/healthz")
@@ -369,7 +380,8 @@ async def bench_chain(shape: LoadShape) -> ChainResult:
             await smoke(call_url, call, CONNECT_PROTO_HEADERS)
 
             peak = await run_h2load(greet_url, greet, CONNECT_PROTO_HEADERS, shape)
-            print(f"  {'greeter chain, peak':46} {'connect':8} {peak.row()}", flush=True)
+            label = f"greeter chain ({server}), peak"
+            print(f"  {label:46} {'connect':8} {peak.row()}", flush=True)
             half = peak.requests_per_s / 2
             paced = at_rate(shape, half)
             chain = await run_h2load(greet_url, greet, CONNECT_PROTO_HEADERS, paced)
@@ -381,14 +393,25 @@ async def bench_chain(shape: LoadShape) -> ChainResult:
             # The same hop without the greeter's synchronous INSERT, to tell them apart.
             bare_port = free_port()
             bare_env = {k: v for k, v in greeter_env.items() if k != "DATABASE_URL"}
-            bare_argv = microapp_serve("greeter", bare_port)
+            bare_argv = microapp_serve("greeter", bare_port, server)
             async with serving("greeter (no database)", bare_argv, bare_port, bare_env):
                 bare_url = f"http://127.0.0.1:{bare_port}{GREET_PATH}"
                 await smoke(bare_url, greet, CONNECT_PROTO_HEADERS)
                 bare = await run_h2load(bare_url, greet, CONNECT_PROTO_HEADERS, paced)
             label = f"greeter without its INSERT at {half:.0f}/s"
             print(f"  {label:46} {'connect':8} {bare.row()}", flush=True)
+            # And at light load, for the cost of the hop itself.
+            tenth = at_rate(shape, peak.requests_per_s / 10)
+            light = await run_h2load(greet_url, greet, CONNECT_PROTO_HEADERS, tenth)
+            label = f"greeter chain at {peak.requests_per_s / 10:.0f}/s (10%)"
+            print(f"  {label:46} {'connect':8} {light.row()}", flush=True)
+            light_direct = await run_h2load(call_url, call, CONNECT_PROTO_HEADERS, tenth)
+            label = f"caller alone at {peak.requests_per_s / 10:.0f}/s"
+            print(f"  {label:46} {'connect':8} {light_direct.row()}", flush=True)
     return ChainResult(
+        server=server,
+        chain_at_tenth=light,
+        caller_at_tenth=light_direct,
         chain_without_insert_at_half=bare,
         hop_only_p99_overhead_ms=bare.p99_ms - direct.p99_ms,
         peak=peak,
@@ -486,7 +509,7 @@ class Report:
     machine: dict[str, object]
     shape: LoadShape
     unary: list[UnaryRow] = field(default_factory=list)
-    chain: ChainResult | None = None
+    chain: list[ChainResult] = field(default_factory=list)
     gateway: GatewayResult | None = None
     profile: dict[str, object] | None = None
 
@@ -512,15 +535,16 @@ def print_summary(report: Report) -> None:
             f"{default.result.requests_per_s / base:.2f} x; best Hypercorn "
             f"{max(r.result.requests_per_s for r in hypercorn_rows) / base:.2f} x"
         )
-    if report.chain is not None:
-        c = report.chain
+    for c in report.chain:
         verdict = "met" if c.hop_p99_overhead_ms < HOP_OVERHEAD_TARGET_MS else "NOT met"
+        light = c.chain_at_tenth.p99_ms - c.caller_at_tenth.p99_ms
         print(
-            f"(b) chain peak {c.peak.requests_per_s:.0f} req/s; at 50% ({c.half_rate_per_s:.0f}/s) "
+            f"(b) [{c.server}] chain peak {c.peak.requests_per_s:.0f} req/s; "
+            f"at 50% ({c.half_rate_per_s:.0f}/s) "
             f"p99 {c.chain_at_half.p99_ms:.2f} ms vs caller alone {c.caller_at_half.p99_ms:.2f} ms"
             f" -> hop p99 overhead {c.hop_p99_overhead_ms:.2f} ms "
             f"(target < {HOP_OVERHEAD_TARGET_MS:g} ms: {verdict}); without the greeter's "
-            f"INSERT {c.hop_only_p99_overhead_ms:.2f} ms"
+            f"INSERT {c.hop_only_p99_overhead_ms:.2f} ms; at 10% {light:.2f} ms"
         )
     if report.gateway is not None:
         g = report.gateway
@@ -550,11 +574,14 @@ async def main_async(args: argparse.Namespace) -> Report:
     out_dir.mkdir(parents=True, exist_ok=True)
     if "unary" in args.scenarios:
         print("\n== (a) unary Greet, fake caller, no database", flush=True)
-        variants = VARIANTS if not args.only_platform else [VARIANTS[0], VARIANTS[4]]
+        variants = VARIANTS if not args.only_platform else VARIANTS[:2]
         report.unary = await bench_unary(shape, variants, args.rounds)
     if "chain" in args.scenarios:
         print("\n== (b) greeter -> caller -> external, PostgreSQL on", flush=True)
-        report.chain = await bench_chain(replace(shape, streams=max(1, shape.streams // 2)))
+        for server in ("hypercorn", "granian"):
+            report.chain.append(
+                await bench_chain(replace(shape, streams=max(1, shape.streams // 2)), server)
+            )
     if "gateway" in args.scenarios:
         print("\n== (c) gateway -> custom-lang, PostgreSQL on", flush=True)
         report.gateway = await bench_gateway(replace(shape, streams=max(1, shape.streams // 2)))
@@ -593,6 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.duration <= 0 or args.duration > 120:
         parser.error("--duration must be in (0, 120] seconds")
     h2load_path()
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every server started is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     report = asyncio.run(main_async(args))
     print_summary(report)
     Path(args.out).write_text(json.dumps(asdict(report), indent=2, default=str))
