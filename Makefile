@@ -24,12 +24,12 @@ test: setup ## set up, then run every test
 	$(BIN)/python -m pytest
 
 lint: setup ## ruff check and ruff format --check
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 format: setup ## apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
 
 gen: setup ## regenerate src/microapp/gen from proto/ with buf
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/buf lint
