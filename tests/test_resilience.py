@@ -21,12 +21,8 @@ from pathlib import Path
 import aiohttp
 import psycopg
 import pytest
-from aiohttp import web
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-    ExportMetricsServiceRequest,
-)
 
 from microapp.devdb import EmbeddedPostgres
 from microapp.gen.caller.v1.caller_connect import CallerServiceClient
@@ -36,6 +32,7 @@ from microapp.gen.gateway.v1.gateway_pb2 import InvokeCustomRequest
 from microapp.gen.greeter.v1.greeter_connect import GreeterServiceClient
 from microapp.gen.greeter.v1.greeter_pb2 import GreetRequest
 from tests.support.external import ExternalServer
+from tests.support.otlp import OtlpReceiver
 from tests.support.polling import eventually
 from tests.support.ports import free_port
 from tests.support.postgres import TestPostgres, query
@@ -365,50 +362,6 @@ async def test_sigterm_under_load_keeps_a_call_log_row_for_every_answer_and_exit
 # ---------------------------------------------------------------------------- write queue burst
 
 
-@dataclass
-class MetricsReceiver:
-    """An OTLP/HTTP metrics endpoint keeping the last value of each metric it is sent."""
-
-    port: int = field(default_factory=free_port)
-    values: dict[str, float] = field(default_factory=dict)
-    _runner: web.AppRunner | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        export = ExportMetricsServiceRequest.FromString(await request.read())
-        for resource in export.resource_metrics:
-            for scope in resource.scope_metrics:
-                for metric in scope.metrics:
-                    kind = metric.WhichOneof("data")
-                    if kind not in {"sum", "gauge"}:
-                        continue  # histograms have no single value
-                    for point in getattr(metric, kind).data_points:
-                        number = point.WhichOneof("value")
-                        self.values[metric.name] = getattr(point, number)
-        return web.Response(content_type="application/x-protobuf", body=b"")
-
-    async def _ignore(self, request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(content_type="application/x-protobuf", body=b"")
-
-    async def __aenter__(self) -> MetricsReceiver:
-        app = web.Application(client_max_size=16 * 1024 * 1024)
-        app.router.add_post("/v1/metrics", self._metrics)
-        app.router.add_post("/v1/traces", self._ignore)
-        app.router.add_post("/v1/logs", self._ignore)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-
 CAPACITY = 5
 BURST = 60
 
@@ -427,7 +380,9 @@ async def test_burst_beyond_the_write_queue_drops_and_counts_rows_and_answers_at
     postgres: TestPostgres, external: ExternalServer
 ) -> None:
     db = postgres.fresh_database("res_burst")
-    async with MetricsReceiver() as receiver:
+    receiver = OtlpReceiver()
+    await receiver.start()
+    try:
         env = {
             "DATABASE_URL": db,
             "CALLER_WRITE_QUEUE_CAPACITY": str(CAPACITY),
@@ -451,7 +406,9 @@ async def test_burst_beyond_the_write_queue_drops_and_counts_rows_and_answers_at
                 assert [r.body_length for r in responses] == list(range(BURST))
                 drops = await eventually(lambda: _drop_log_lines(caller.logs()))
                 assert drops[0]["dropped"] == 1
-                await eventually(lambda: receiver.values.get("microapp.write_queue.dropped", 0))
+                await eventually(
+                    lambda: receiver.metric_values.get("microapp.write_queue.dropped", 0)
+                )
                 await blocker.rollback()  # release the table
 
             def written() -> int:
@@ -459,10 +416,13 @@ async def test_burst_beyond_the_write_queue_drops_and_counts_rows_and_answers_at
 
             dropped = await eventually(
                 lambda: (
-                    written() + receiver.values.get("microapp.write_queue.dropped", 0) == BURST
-                    and receiver.values["microapp.write_queue.dropped"]
+                    written() + receiver.metric_values.get("microapp.write_queue.dropped", 0)
+                    == BURST
+                    and receiver.metric_values["microapp.write_queue.dropped"]
                 )
             )
+    finally:
+        await receiver.close()
     # Kept: the batch the writer held (at most a queue's worth) and a full queue behind
     # it. Everything else was dropped, and counted.
     assert CAPACITY < BURST - dropped <= 2 * CAPACITY

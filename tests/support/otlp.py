@@ -47,6 +47,8 @@ class OtlpReceiver:
     port: int = field(default_factory=free_port)
     spans: list[ReceivedSpan] = field(default_factory=list)
     metric_names: dict[str, set[str]] = field(default_factory=dict)  # service → names
+    # The last value received of each sum or gauge (histograms have no single value).
+    metric_values: dict[str, float] = field(default_factory=dict)
     requests: int = 0
     _runner: web.AppRunner | None = None
 
@@ -75,7 +77,13 @@ class OtlpReceiver:
             service = _service_name(resource_metrics.resource.attributes)
             names = self.metric_names.setdefault(service, set())
             for scope_metrics in resource_metrics.scope_metrics:
-                names.update(m.name for m in scope_metrics.metrics)
+                for metric in scope_metrics.metrics:
+                    names.add(metric.name)
+                    kind = metric.WhichOneof("data")
+                    if kind in {"sum", "gauge"}:
+                        for point in getattr(metric, kind).data_points:
+                            value = getattr(point, point.WhichOneof("value"))
+                            self.metric_values[metric.name] = value
         return web.Response(content_type="application/x-protobuf", body=b"")
 
     async def _other(self, request: web.Request) -> web.Response:
