@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from microapp.platform.accesslog import AccessLog, AccessLogInterceptor, access_log_enabled
 from microapp.platform.authn import with_token_check
 from microapp.platform.config import CommonSettings
 from microapp.platform.db import Database
@@ -81,11 +83,16 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
     """Compose one service's ASGI app."""
     if settings.auth_required:
         parts = with_token_check(settings, parts)
+    access_log = access_log_enabled(os.environ)
+    # First of ours, so it sees every call's outcome, even one a token check refuses.
+    interceptors = (
+        [AccessLogInterceptor(), *parts.interceptors] if access_log else parts.interceptors
+    )
     mounts: list[BaseRoute] = []
     for service in parts.connect:
         app = service.app_class(
             service.implementation,
-            interceptors=list(parts.interceptors),
+            interceptors=list(interceptors),
             read_max_bytes=settings.max_body_bytes,
         )
         mounts.append(Mount(app.path, app=_grpc_needs_trailers(app)))
@@ -103,6 +110,10 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
     middleware = []
     if telemetry_enabled():
         middleware.append(_rest_tracing(mounts))
+    if access_log:
+        # Inside the REST tracing middleware, so REST lines carry its span's ids.
+        rpc_prefixes = [m.path for m in mounts if isinstance(m, Mount)]
+        middleware.append(Middleware(AccessLog, rpc_prefixes=rpc_prefixes))
     if settings.cors_allowed_origins:
         middleware.append(
             Middleware(
