@@ -17,8 +17,9 @@ WORKDIR /src
 # Only what building the wheel needs (see .dockerignore): the metadata, then the sources.
 COPY pyproject.toml README.md ./
 COPY src ./src
-# `.` is this pyproject: its [project] dependencies are the whole runtime list.
-RUN /opt/microapp/bin/pip install . \
+# `.` is this pyproject: its [project] dependencies, plus the optional servers so that
+# MICROAPP_SERVER can pick any of them in compose and Kubernetes.
+RUN /opt/microapp/bin/pip install ".[granian,pyvoy]" \
     && /opt/microapp/bin/python -m compileall -q /opt/microapp/lib
 
 FROM python:${PYTHON_VERSION}-slim AS runtime

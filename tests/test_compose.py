@@ -25,6 +25,7 @@ import yaml
 from packaging.specifiers import SpecifierSet
 
 from microapp.services import SERVICES, ServiceSpec
+from microapp.serving import OPTIONAL_SERVERS, SERVER_CHOICES
 from tests.support.commands import BIN, run
 from tests.support.external import ExternalServer
 from tests.support.services import ServiceProcess
@@ -559,8 +560,12 @@ def test_dockerfile_installs_the_package_from_pyproject_and_nothing_else() -> No
         for keyword, rest in instructions
         if keyword == "RUN" and "pip install" in rest
     ]
-    # One install of `.`: pyproject's [project] dependencies, no second list.
-    assert [[args.split() for args in found] for found in installs] == [[["."]]]
+    # One install of `.` with the optional servers' extras (so MICROAPP_SERVER can pick
+    # any of them): pyproject's lists, no second one.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = ",".join(name for name in SERVER_CHOICES if name in OPTIONAL_SERVERS)
+    assert set(OPTIONAL_SERVERS) <= set(pyproject["project"]["optional-dependencies"])
+    assert [[args.split() for args in found] for found in installs] == [[[f'".[{extras}]"']]]
     assert not list(ROOT.glob("requirements*.txt"))
 
 

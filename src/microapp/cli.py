@@ -12,11 +12,16 @@ from collections.abc import Sequence
 
 from microapp.platform.config import ConfigError
 from microapp.platform.db import migrate
-from microapp.platform.logging import configure_logging
 from microapp.platform.migrations import load_migrations
 from microapp.platform.server import ServerOptions, run
-from microapp.platform.telemetry import configure_telemetry
 from microapp.services import SERVICES
+from microapp.serving import (
+    SERVER_CHOICES,
+    SERVER_VARIABLE,
+    SERVICE_VARIABLE,
+    missing_server_message,
+    prepare_service,
+)
 
 logger = logging.getLogger("microapp.cli")
 
@@ -42,10 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--server",
-        choices=["hypercorn", "granian"],
-        default="hypercorn",
-        help="ASGI server (default: hypercorn; granian is faster but serves no gRPC, only "
-        "Connect and gRPC-Web: see docs/benchmarks.md)",
+        choices=SERVER_CHOICES,
+        default=os.environ.get(SERVER_VARIABLE, "").strip() or "hypercorn",
+        help="ASGI server (default: $MICROAPP_SERVER or hypercorn). hypercorn: every protocol, "
+        "pure Python; pyvoy: every protocol on Envoy, fastest (extra microapp[pyvoy]); "
+        "granian: fast, Connect and gRPC-Web only, no gRPC (extra microapp[granian]). "
+        "See docs/configuration.md",
     )
 
     mig = commands.add_parser(
@@ -77,21 +84,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    spec = SERVICES[args.service]
+    name = args.service
+    if args.server not in SERVER_CHOICES:
+        print(
+            f"microapp serve: {SERVER_VARIABLE}={args.server!r} is not one of "
+            f"{', '.join(SERVER_CHOICES)}",
+            file=sys.stderr,
+        )
+        return 2
+    missing = missing_server_message(args.server)
+    if missing:
+        print(f"microapp serve {name}: {missing}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     if args.host:
         env["HOST"] = args.host
     if args.port is not None:
         env["PORT"] = str(args.port)
-    env.setdefault("OTEL_SERVICE_NAME", spec.otel_service_name)
-    configure_logging(env["OTEL_SERVICE_NAME"], level=env.get("LOG_LEVEL", "INFO"))
-    # Before the app is built: the instrumentations hook into clients made from here on.
-    configure_telemetry(env["OTEL_SERVICE_NAME"])
     try:
-        built = spec.build(env)
+        built = prepare_service(name, env)
     except ConfigError as exc:
-        print(f"microapp serve {spec.name}: {exc}", file=sys.stderr)
+        print(f"microapp serve {name}: {exc}", file=sys.stderr)
         return 2
+    if args.server == "pyvoy":
+        return _serve_with_pyvoy(name, env, built.settings.host, built.settings.port)
     try:
         options = ServerOptions(
             host=built.settings.host, port=built.settings.port, server=args.server
@@ -100,12 +116,29 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             print(
-                f"microapp serve {spec.name}: port {built.settings.port} is already in use",
+                f"microapp serve {name}: port {built.settings.port} is already in use",
                 file=sys.stderr,
             )
             return 1
         raise
     return 0
+
+
+def _serve_with_pyvoy(name: str, env: dict[str, str], host: str, port: int) -> int:
+    """Envoy builds and serves the app itself; the one built here only checked the settings."""
+    from microapp.platform.pyvoy_server import PyvoyOptions, run_pyvoy
+
+    options = PyvoyOptions(
+        host=host,
+        port=port,
+        app_ref="microapp.pyvoy_app:app",
+        env={**env, SERVICE_VARIABLE: name},
+    )
+    try:
+        return run_pyvoy(options)
+    except Exception as exc:  # pyvoy's StartupError: Envoy said why on stderr
+        print(f"microapp serve {name}: Envoy failed to start ({exc})", file=sys.stderr)
+        return 1
 
 
 def _migrate(args: argparse.Namespace) -> int:
