@@ -2,7 +2,9 @@
 
 A full queue drops the row and counts it instead of making a response wait. While the
 database is down, queued rows wait for it rather than being lost. A graceful shutdown
-drains what is queued, so only a crash can lose rows.
+drains what is queued, so only a crash can lose rows. A batch the database refuses is
+retried row by row, so only the rows it refuses are dropped (and counted); no error stops
+the writer.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
-
-import psycopg
 
 from microapp.platform.db import Database, DatabaseUnavailable
 from microapp.platform.telemetry import observe
@@ -43,6 +43,7 @@ class WriteBehindQueue:
         self._worker: asyncio.Task[None] | None = None
         self._in_flight = 0
         self.dropped = 0
+        self.refused = 0
         self.written = 0
 
     @property
@@ -72,6 +73,12 @@ class WriteBehindQueue:
             kind="counter",
             description="rows dropped because the queue was full",
         )
+        observe(
+            "microapp.write_queue.refused",
+            lambda: self.refused,
+            kind="counter",
+            description="rows dropped because the database refused them",
+        )
         self._worker = asyncio.create_task(self._run(), name="write-behind")
 
     async def close(self) -> None:
@@ -99,24 +106,52 @@ class WriteBehindQueue:
             while len(batch) < self._batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             self._in_flight = len(batch)
-            await self._write(batch)
-            self._in_flight = 0
-            for _ in batch:
-                self._queue.task_done()
+            try:
+                await self._write(batch)
+            except Exception:
+                # A bug must not stop the writer: every row queued after it would be
+                # silently lost. Count the batch as refused and carry on.
+                self.refused += len(batch)
+                logger.exception("write-behind batch failed", extra={"rows": len(batch)})
+            finally:
+                self._in_flight = 0
+                for _ in batch:
+                    self._queue.task_done()
 
     async def _write(self, batch: Sequence[Row]) -> None:
         # Keep the batch until it is written: a database outage delays rows, it does
-        # not lose them. A row the database refuses (bad data) is logged and skipped.
+        # not lose them. A batch the database refuses is retried row by row.
         while True:
             await self._database.wait_ready()
             try:
                 await self._database.executemany(self._insert_sql, batch)
             except DatabaseUnavailable:
                 continue
-            except psycopg.Error as exc:
-                logger.error(
-                    "write-behind batch refused", extra={"rows": len(batch), "error": str(exc)}
+            except Exception as exc:
+                logger.warning(
+                    "write-behind batch refused, retrying row by row",
+                    extra={"rows": len(batch), "error": str(exc) or type(exc).__name__},
                 )
+                for row in batch:
+                    await self._write_row(row)
                 return
             self.written += len(batch)
+            return
+
+    async def _write_row(self, row: Row) -> None:
+        while True:
+            await self._database.wait_ready()
+            try:
+                await self._database.execute(self._insert_sql, row)
+            except DatabaseUnavailable:
+                continue
+            except Exception as exc:
+                # Only this row is lost; the reason is the database's (or the bug's).
+                self.refused += 1
+                logger.error(
+                    "write-behind row refused",
+                    extra={"error": str(exc) or type(exc).__name__, "refused": self.refused},
+                )
+                return
+            self.written += 1
             return

@@ -11,6 +11,7 @@ from starlette.routing import Route
 
 from microapp.gen.customlang.v1 import customlang_pb2
 from microapp.gen.customlang.v1.customlang_connect import CustomLangServiceASGIApplication
+from microapp.platform.coalesce import CoalesceSettings
 from microapp.platform.config import CommonSettings
 from microapp.platform.db import Database
 from microapp.platform.http import ConnectService, ServiceParts, build_app
@@ -43,7 +44,11 @@ class CustomLangSettings:
 def create_app(settings: CustomLangSettings, *, database: Database | None = None) -> Starlette:
     """The custom-lang service as an ASGI app; `database` defaults to one from the settings."""
     if database is None and settings.common.database_url:
-        database = Database(settings.common.database_url, load_migrations(MIGRATIONS_PACKAGE))
+        database = Database(
+            settings.common.database_url,
+            load_migrations(MIGRATIONS_PACKAGE),
+            coalesce=CoalesceSettings.from_env(),
+        )
     responder = Responder(settings.response_rules, database)
     invoke = InvokeRoute(responder, max_body_bytes=settings.common.max_body_bytes)
     return build_app(

@@ -79,7 +79,7 @@ class Responder:
         if self._database is None:
             return
         try:
-            await self._database.execute(INSERT_EXECUTION, (name, answer.message, answer.status))
+            await self._database.record(INSERT_EXECUTION, (name, answer.message, answer.status))
         except (DatabaseUnavailable, psycopg.Error) as exc:
             logger.warning("execution not recorded", extra={"error": str(exc)})
 

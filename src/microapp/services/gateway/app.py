@@ -14,6 +14,7 @@ from starlette.routing import Route
 from microapp.gen.gateway.v1 import gateway_pb2
 from microapp.gen.gateway.v1.gateway_connect import GatewayServiceASGIApplication
 from microapp.platform.breaker import CircuitBreaker
+from microapp.platform.coalesce import CoalesceSettings
 from microapp.platform.config import CommonSettings, ConfigError, env_float, env_int, env_str
 from microapp.platform.db import Database
 from microapp.platform.http import ConnectService, Lifecycle, ServiceParts, build_app
@@ -114,7 +115,11 @@ def create_app(
         components.append(client)
         custom_lang = client
     if database is None and settings.common.database_url:
-        database = Database(settings.common.database_url, load_migrations(MIGRATIONS_PACKAGE))
+        database = Database(
+            settings.common.database_url,
+            load_migrations(MIGRATIONS_PACKAGE),
+            coalesce=CoalesceSettings.from_env(),
+        )
     breaker = CircuitBreaker(
         failure_threshold=settings.breaker_failures,
         interval_s=settings.breaker_interval_s,

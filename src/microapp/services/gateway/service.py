@@ -137,9 +137,7 @@ class GatewayHandler:
         if self._database is None:
             return
         try:
-            await self._database.execute(
-                INSERT_INVOCATION, (name, outcome.message, outcome.success)
-            )
+            await self._database.record(INSERT_INVOCATION, (name, outcome.message, outcome.success))
         except (DatabaseUnavailable, psycopg.Error) as exc:
             logger.warning("invocation not recorded", extra={"error": str(exc)})
 

@@ -12,6 +12,7 @@ from microapp.gen.caller.v1.caller_connect import CallerServiceClient
 from microapp.gen.greeter.v1 import greeter_pb2
 from microapp.gen.greeter.v1.greeter_connect import GreeterServiceASGIApplication
 from microapp.platform.clients import ServiceTransport
+from microapp.platform.coalesce import CoalesceSettings
 from microapp.platform.config import CommonSettings, env_str
 from microapp.platform.db import Database
 from microapp.platform.http import ConnectService, Lifecycle, ServiceParts, build_app
@@ -62,7 +63,11 @@ def create_app(
             settings.caller_base_url, http_client=transport.client, send_compression=None
         )
     if database is None and settings.common.database_url:
-        database = Database(settings.common.database_url, load_migrations(MIGRATIONS_PACKAGE))
+        database = Database(
+            settings.common.database_url,
+            load_migrations(MIGRATIONS_PACKAGE),
+            coalesce=CoalesceSettings.from_env(),
+        )
     handler = GreeterHandler(caller, settings.external_api_url, database)
     return build_app(
         settings.common,

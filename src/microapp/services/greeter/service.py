@@ -78,6 +78,6 @@ class GreeterHandler:
         if self._database is None:
             return
         try:
-            await self._database.execute(INSERT_GREETING, (name, message, external_status))
+            await self._database.record(INSERT_GREETING, (name, message, external_status))
         except (DatabaseUnavailable, psycopg.Error) as exc:
             logger.warning("greeting not recorded", extra={"error": str(exc)})
