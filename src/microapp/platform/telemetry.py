@@ -1,10 +1,11 @@
-"""OpenTelemetry: traces and metrics over OTLP when an endpoint is set, nothing at all when not.
+"""OpenTelemetry: traces, metrics and logs over OTLP when an endpoint is set, nothing when not.
 
 The SDK is set up by opentelemetry-distro from the standard `OTEL_*` variables; the
 maintained instrumentations are switched on explicitly here: Connect clients and servers
-(connectrpc-otel), aiohttp client requests, psycopg. Without
-`OTEL_EXPORTER_OTLP_ENDPOINT` none of this runs: the API stays a no-op, so there is no
-exporter, no warning and no overhead.
+(connectrpc-otel), aiohttp client requests, psycopg. Log records go to the collector
+through OpenTelemetry's logging handler (beside the JSON lines on stderr), with the trace
+and span ids of the span they were written in. Without `OTEL_EXPORTER_OTLP_ENDPOINT` none
+of this runs: the API stays a no-op, so there is no exporter, no warning and no overhead.
 """
 
 from __future__ import annotations
@@ -36,24 +37,45 @@ def configure_telemetry(service_name: str, env: MutableMapping[str, str] | None 
         return True
     env.setdefault("OTEL_SERVICE_NAME", service_name)
     # OTLP over HTTP (port 4318) unless told otherwise: it needs no gRPC stack and
-    # passes through every proxy. Logs stay in our JSON lines on stderr.
+    # passes through every proxy. OTEL_LOGS_EXPORTER=none keeps logs on stderr only.
     env.setdefault("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-    env.setdefault("OTEL_LOGS_EXPORTER", "none")
+    env.setdefault("OTEL_LOGS_EXPORTER", "otlp")
 
     from opentelemetry.distro import OpenTelemetryConfigurator, OpenTelemetryDistro
 
     OpenTelemetryDistro().configure()
     OpenTelemetryConfigurator().configure()
     _instrument_libraries()
+    logs = env["OTEL_LOGS_EXPORTER"].strip().lower() != "none"
+    if logs:
+        _export_logs()
     _enabled = True
     logger.info(
         "telemetry exporting",
         extra={
             "endpoint": env["OTEL_EXPORTER_OTLP_ENDPOINT"],
             "protocol": env["OTEL_EXPORTER_OTLP_PROTOCOL"],
+            "logs": logs,
         },
     )
     return True
+
+
+def _export_logs() -> None:
+    """Send every log record to the LoggerProvider the distro built (a batch processor in
+    front of the OTLP log exporter of the chosen protocol)."""
+    from opentelemetry._logs import get_logger_provider
+    from opentelemetry.instrumentation.logging.handler import LoggingHandler
+
+    handler = LoggingHandler(logger_provider=get_logger_provider())
+    handler.addFilter(_not_from_the_sdk)
+    logging.getLogger().addHandler(handler)
+
+
+def _not_from_the_sdk(record: logging.LogRecord) -> bool:
+    # An exporter that cannot reach the collector logs a warning; exporting that warning
+    # would fail the same way, one more record per batch, for as long as it is down.
+    return not record.name.startswith("opentelemetry")
 
 
 def _instrument_libraries() -> None:
