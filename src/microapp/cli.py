@@ -45,15 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port", type=int, help="port to listen on (default: $PORT or the service's)"
     )
-    serve.add_argument(
-        "--server",
-        choices=SERVER_CHOICES,
-        default=os.environ.get(SERVER_VARIABLE, "").strip() or "hypercorn",
-        help="ASGI server (default: $MICROAPP_SERVER or hypercorn). hypercorn: every protocol, "
-        "pure Python; pyvoy: every protocol on Envoy, fastest (extra microapp[pyvoy]); "
-        "granian: fast, Connect and gRPC-Web only, no gRPC (extra microapp[granian]). "
-        "See docs/configuration.md",
-    )
+    _add_server_argument(serve)
 
     mig = commands.add_parser(
         "migrate",
@@ -80,21 +72,34 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("--database-url", help="use this PostgreSQL server instead of the embedded one")
     db.add_argument("--no-db", action="store_true", help="run every service without a database")
     up.add_argument("--data-dir", default=".microapp", help="where the embedded database lives")
+    _add_server_argument(up)
     return parser
+
+
+def _add_server_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        choices=SERVER_CHOICES,
+        default=os.environ.get(SERVER_VARIABLE, "").strip() or "hypercorn",
+        help="ASGI server (default: $MICROAPP_SERVER or hypercorn). hypercorn: every protocol, "
+        "pure Python; pyvoy: every protocol on Envoy, fastest (extra microapp[pyvoy]); "
+        "granian: fast, Connect and gRPC-Web only, no gRPC (extra microapp[granian]). "
+        "See docs/configuration.md",
+    )
+
+
+def _server_problem(server: str) -> str | None:
+    """Why `server` cannot run (an unknown $MICROAPP_SERVER, a missing extra), or None."""
+    if server not in SERVER_CHOICES:
+        return f"{SERVER_VARIABLE}={server!r} is not one of {', '.join(SERVER_CHOICES)}"
+    return missing_server_message(server)
 
 
 def _serve(args: argparse.Namespace) -> int:
     name = args.service
-    if args.server not in SERVER_CHOICES:
-        print(
-            f"microapp serve: {SERVER_VARIABLE}={args.server!r} is not one of "
-            f"{', '.join(SERVER_CHOICES)}",
-            file=sys.stderr,
-        )
-        return 2
-    missing = missing_server_message(args.server)
-    if missing:
-        print(f"microapp serve {name}: {missing}", file=sys.stderr)
+    problem = _server_problem(args.server)
+    if problem:
+        print(f"microapp serve {name}: {problem}", file=sys.stderr)
         return 2
     env = dict(os.environ)
     if args.host:
@@ -167,6 +172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "migrate":
         return _migrate(args)
+    return _up(args)
+
+
+def _up(args: argparse.Namespace) -> int:
+    problem = _server_problem(args.server)
+    if problem:
+        print(f"microapp up: {problem}", file=sys.stderr)
+        return 2
     from microapp.up import run_up  # the embedded database is only needed here
 
     return run_up(args)

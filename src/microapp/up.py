@@ -26,6 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from microapp.services import SERVICES, ServiceSpec
+from microapp.serving import SERVER_VARIABLE
 
 HOST = "127.0.0.1"
 HEALTH_TIMEOUT_S = 60.0
@@ -156,6 +157,8 @@ def wiring_env(ports: Mapping[str, int], external_url: str) -> dict[str, str]:
 
     env = {
         "CALLER_BASE_URL": url("caller"),
+        # The local external target (and anything a developer tries) is on this machine.
+        "CALLER_ALLOW_PRIVATE_NETWORKS": "1" if "caller" in ports else "",
         "CUSTOM_LANG_BASE_URL": url("custom-lang"),
         "EXTERNAL_API_URL": external_url,
     }
@@ -292,10 +295,15 @@ class Up:
             k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "PORT", "HOST"}
         }
         for spec in SERVICES.values():
-            env = {**base_env, **wiring}
+            env = {**base_env, **wiring, SERVER_VARIABLE: self.args.server}
             if spec.name in db_urls:
                 env["DATABASE_URL"] = db_urls[spec.name]
-            self.console.step(f"starting {spec.name} on port {spec.default_port}")
+            elif self.args.no_db:
+                # Without storage, auth logs anyone in only in its explicit development mode.
+                env["AUTH_DEV_MODE"] = "1"
+            self.console.step(
+                f"starting {spec.name} on port {spec.default_port} ({self.args.server})"
+            )
             self.running.append(await _start_service(spec, env, logs))
 
         async with aiohttp.ClientSession() as session:
