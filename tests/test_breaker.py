@@ -1,13 +1,28 @@
-"""The circuit breaker's rules, on an injected clock: exact, fast, no sleeping."""
+"""The circuit breaker's rules, on an injected clock: exact, fast, no sleeping.
+
+The last part pins the gateway's arithmetic: each attempt (a call, and its retry) is one
+breaker outcome, and a retry runs only when the breaker admits it and the budget has a
+token. Its custom-lang is a scripted stand-in here; test_gateway.py shows the same against
+a real custom-lang process.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
+from connectrpc.code import Code
 
-from microapp.platform.breaker import BreakerOpenError, CircuitBreaker
+from microapp.platform.breaker import BreakerOpenError, BreakerSnapshot, CircuitBreaker
+from microapp.platform.retry_budget import RetryBudget
+from microapp.services.gateway.downstream import Reply
+from microapp.services.gateway.service import ResilientInvoker
+
+T = TypeVar("T")
 
 
 class FakeClock:
@@ -270,3 +285,230 @@ async def test_state_changes_are_logged(
             await breaker.run(downstream.ok)
     changes = [(r.from_state, r.to_state) for r in caplog.records if hasattr(r, "to_state")]
     assert changes == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
+# --- snapshots: read from another thread, they change nothing ---------------------------
+
+
+def in_thread(read: Callable[[], T]) -> T:
+    """`read()` run on a thread of its own, as OpenTelemetry's exporter runs the gauges."""
+    results: list[T] = []
+    thread = threading.Thread(target=lambda: results.append(read()))
+    thread.start()
+    thread.join()
+    return results[0]
+
+
+async def test_a_snapshot_reads_an_over_open_period_as_half_open_without_moving_it(
+    clock: FakeClock, downstream: Downstream, caplog: pytest.LogCaptureFixture
+):
+    breaker = make_breaker(clock)
+    await open_breaker(breaker, downstream)
+    clock.advance(30.0)
+    caplog.clear()  # the opening's own line
+    with caplog.at_level(logging.INFO, logger="microapp.platform.breaker"):
+        stored = breaker.storage.record
+        seen = in_thread(breaker.snapshot)
+        # 30 s on, the 10 s window of the five failures has ended too: they read as none.
+        assert seen == BreakerSnapshot(
+            state="half_open", consecutive_failures=0, seconds_until_half_open=0.0
+        )
+        assert breaker.storage.record is stored
+        # Internally it is still open: no transition, no log line, until a call arrives.
+        assert breaker.current_state.name == "OPEN"
+        assert not [r for r in caplog.records if hasattr(r, "to_state")]
+        await breaker.run(downstream.ok)
+    assert [(r.from_state, r.to_state) for r in caplog.records if hasattr(r, "to_state")] == [
+        ("open", "half_open")
+    ]
+
+
+async def test_a_snapshot_of_an_open_breaker_says_how_long_it_stays_open(
+    clock: FakeClock, downstream: Downstream
+):
+    breaker = make_breaker(clock)
+    await open_breaker(breaker, downstream)
+    clock.advance(5.0)
+    assert in_thread(breaker.snapshot) == BreakerSnapshot("open", 5, 25.0)
+
+
+async def test_a_snapshot_reads_an_ended_window_as_zero_without_starting_a_new_one(
+    clock: FakeClock, downstream: Downstream
+):
+    breaker = make_breaker(clock)
+    await fail_times(breaker, downstream, 4)
+    stored = breaker.storage.record
+    clock.advance(15.0)  # the window that began at 1000 ended at 1010
+    assert in_thread(breaker.snapshot).consecutive_failures == 0
+    assert breaker.storage.record is stored  # not even rewritten with equal values
+    # The next failure is the first of a window that begins now (1015), not at 1010:
+    # four more, 9.9 s later, still leave it closed.
+    await fail_times(breaker, downstream, 1)
+    clock.advance(9.9)
+    await fail_times(breaker, downstream, 3)
+    assert breaker.state_name == "closed"
+    assert breaker.consecutive_failures == 4
+
+
+async def test_reading_state_name_and_failures_changes_nothing(
+    clock: FakeClock, downstream: Downstream
+):
+    breaker = make_breaker(clock)
+    await open_breaker(breaker, downstream)
+    clock.advance(30.0)
+    stored = breaker.storage.record
+    assert in_thread(lambda: (breaker.state_name, breaker.consecutive_failures)) == (
+        "half_open",
+        0,
+    )
+    assert breaker.storage.record is stored
+
+
+async def test_snapshots_taken_while_the_loop_works_are_always_whole(
+    clock: FakeClock, downstream: Downstream
+):
+    breaker = make_breaker(clock)
+    stop = threading.Event()
+    seen: list[BreakerSnapshot] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.append(breaker.snapshot())
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(200):
+            await open_breaker(breaker, downstream)
+            clock.advance(30.0)
+            for _ in range(3):
+                await breaker.run(downstream.ok)
+            await asyncio.sleep(0)  # let the reader's thread in between rounds
+    finally:
+        stop.set()
+        thread.join()
+    assert seen
+    for snap in seen:
+        assert snap.state in {"closed", "open", "half_open"}
+        assert 0 <= snap.consecutive_failures <= 5
+        # An open snapshot always carries the period it is open for, never a stale zero.
+        assert (snap.state == "open") == (snap.seconds_until_half_open > 0)
+
+
+# --- the gateway's arithmetic: each attempt is one breaker outcome -----------------------
+
+
+class ScriptedCustomLang:
+    """Answers every invocation with `status`, counting the attempts that reached it."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.attempts = 0
+
+    async def invoke(self, name: str) -> Reply:
+        self.attempts += 1
+        ok = 200 <= self.status < 300
+        return Reply(self.status, f"Hello {name}" if ok else f"HTTP {self.status} for {name}")
+
+
+def make_invoker(
+    clock: FakeClock, lang: ScriptedCustomLang, *, capacity: int = 20
+) -> tuple[ResilientInvoker, CircuitBreaker, RetryBudget]:
+    breaker = make_breaker(clock)
+    budget = RetryBudget(capacity, 10.0, clock=clock)
+    return ResilientInvoker(lang, breaker, budget), breaker, budget
+
+
+async def test_each_attempt_counts_so_a_503_opens_it_on_the_third_invocation(clock: FakeClock):
+    lang = ScriptedCustomLang(503)
+    invoker, breaker, budget = make_invoker(clock, lang)
+    for expected_failures in (2, 4):  # a call and its retry: two outcomes
+        outcome = await invoker.invoke("x")
+        assert outcome.code == Code.UNAVAILABLE
+        assert breaker.snapshot() == BreakerSnapshot("closed", expected_failures, 0.0)
+    assert lang.attempts == 4
+
+    third = await invoker.invoke("x")
+    # Its first attempt is the fifth failure and opens the breaker, which refuses the retry:
+    # the answer is that attempt's own 503, and no token is spent on a retry never sent.
+    assert third.code == Code.UNAVAILABLE
+    assert third.message == "HTTP 503 for x"
+    assert lang.attempts == 5
+    assert breaker.state_name == "open"
+    assert budget.tokens == 18
+
+    fourth = await invoker.invoke("x")
+    assert fourth.code == Code.UNAVAILABLE
+    assert "custom-lang not called" in fourth.message
+    assert lang.attempts == 5
+
+
+async def test_without_retry_tokens_each_invocation_is_one_attempt(clock: FakeClock):
+    lang = ScriptedCustomLang(503)
+    invoker, breaker, _ = make_invoker(clock, lang, capacity=0)
+    for _ in range(4):
+        await invoker.invoke("x")
+    assert breaker.snapshot() == BreakerSnapshot("closed", 4, 0.0)
+    await invoker.invoke("x")
+    assert breaker.state_name == "open"
+    assert lang.attempts == 5
+
+
+async def test_a_failed_half_open_trial_is_not_retried(clock: FakeClock):
+    lang = ScriptedCustomLang(503)
+    invoker, breaker, budget = make_invoker(clock, lang)
+    for _ in range(3):
+        await invoker.invoke("x")
+    clock.advance(30.0)
+    tokens, attempts = budget.tokens, lang.attempts
+    outcome = await invoker.invoke("x")
+    # The trial's failure reopened the breaker at once; its retry would be refused, so it
+    # is not sent and costs no token.
+    assert outcome.message == "HTTP 503 for x"
+    assert lang.attempts == attempts + 1
+    assert budget.tokens == tokens
+    # Its failure is the first of a new window (the old one ended during the open period).
+    assert breaker.snapshot() == BreakerSnapshot("open", 1, 30.0)
+
+
+async def test_half_open_trials_are_attempts_three_good_ones_close_it(clock: FakeClock):
+    lang = ScriptedCustomLang(503)
+    invoker, breaker, _ = make_invoker(clock, lang)
+    for _ in range(3):
+        await invoker.invoke("x")
+    clock.advance(30.0)
+    lang.status = 200
+    for remaining in ("half_open", "half_open", "closed"):
+        assert (await invoker.invoke("y")).success
+        assert breaker.state_name == remaining
+    assert breaker.consecutive_failures == 0
+
+
+async def test_a_retry_that_succeeds_ends_the_run_of_failures(clock: FakeClock):
+    lang = FlakyCustomLang()
+    invoker, breaker, _ = make_invoker(clock, lang)
+    outcome = await invoker.invoke("z")
+    assert outcome.success
+    assert lang.attempts == 2
+    assert breaker.snapshot() == BreakerSnapshot("closed", 0, 0.0)
+
+
+async def test_a_4xx_answer_is_one_success_and_never_retried(clock: FakeClock):
+    lang = ScriptedCustomLang(404)
+    invoker, breaker, budget = make_invoker(clock, lang)
+    for _ in range(10):
+        assert (await invoker.invoke("nobody")).code == Code.NOT_FOUND
+    assert lang.attempts == 10
+    assert breaker.snapshot() == BreakerSnapshot("closed", 0, 0.0)
+    assert budget.tokens == 20
+
+
+class FlakyCustomLang(ScriptedCustomLang):
+    """503 on odd attempts, 200 on even ones: every first attempt fails, every retry works."""
+
+    def __init__(self) -> None:
+        super().__init__(503)
+
+    async def invoke(self, name: str) -> Reply:
+        self.status = 503 if self.attempts % 2 == 0 else 200
+        return await super().invoke(name)

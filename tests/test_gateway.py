@@ -1,7 +1,8 @@
 """gateway → custom-lang end to end: real processes, real PostgreSQL, real failures.
 
 The breaker and retry budget rules themselves are pinned exactly by test_breaker.py and
-test_retry_budget.py on an injected clock; these tests show them at work in the service.
+test_retry_budget.py on an injected clock; these tests show them at work in the service:
+each attempt (a call, and its retry) is one breaker outcome, as in the seed.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ async def gateway(postgres: TestPostgres, lang: Lang) -> AsyncIterator[Gateway]:
 
 
 def breaker_env(lang_url: str, **settings: str) -> dict[str, str]:
-    # Default retry budget: a retried invocation is still one breaker outcome.
+    # Default retry budget (full): an invocation answered 503 is two attempts, two failures.
     return {"CUSTOM_LANG_BASE_URL": lang_url, **settings}
 
 
@@ -237,48 +238,59 @@ async def test_debug_breaker_reports_state_failures_and_tokens(lang: Lang) -> No
             "consecutive_failures": 0,
             "retry_tokens": 20,
         }
-        await gateway.invoke_error("unavailable")  # one invocation, retried inside: one failure
+        await gateway.invoke_error("unavailable")  # the call and its retry: two failures
         report = await gateway.breaker()
     assert report["state"] == "closed"
-    assert report["consecutive_failures"] == 1
+    assert report["consecutive_failures"] == 2
     assert report["retry_tokens"] in (19, 20)  # one spent; refill may have given it back
 
 
 # --- the circuit breaker at work ---------------------------------------------------------
 
 
-async def test_after_five_unavailable_calls_the_sixth_fails_fast_without_calling(
-    lang: Lang,
-) -> None:
-    async with ServiceProcess("gateway", breaker_env(lang.service.url)) as service:
+async def test_a_503_opens_the_breaker_on_the_third_invocation(lang: Lang) -> None:
+    # A full budget that does not refill, so the tokens spent can be counted exactly.
+    env = breaker_env(lang.service.url, GATEWAY_RETRY_REFILL_PER_S="0")
+    async with ServiceProcess("gateway", env) as service:
         gateway = Gateway(service)
         before = lang.executions("unavailable")
-        for _ in range(5):
+        for failures in (2, 4):  # each invocation: the call and its retry, two failures
             assert (await gateway.invoke_error("unavailable")).code == Code.UNAVAILABLE
-        after_five = lang.executions("unavailable")
-        assert after_five >= before + 5  # each invocation, plus its one retry when budgeted
-        assert (await gateway.breaker())["state"] == "open"
+            report = await gateway.breaker()
+            assert (report["state"], report["consecutive_failures"]) == ("closed", failures)
+        assert lang.executions("unavailable") == before + 4
+
+        # The third invocation's first attempt is the fifth failure: the breaker opens and
+        # refuses the retry, so custom-lang's 503 is the answer and is sent only once.
+        third = await gateway.invoke_error("unavailable")
+        assert third.code == Code.UNAVAILABLE
+        assert "circuit breaker" not in third.message
+        assert lang.executions("unavailable") == before + 5
+        report = await gateway.breaker()
+        assert report["state"] == "open"
+        assert report["retry_tokens"] == 18  # two retries sent; none for the refused one
 
         ada_before = lang.executions("Ada")
-        sixth = await gateway.invoke_error("unavailable")
+        fourth = await gateway.invoke_error("unavailable")
         also_good_names = await gateway.invoke_error("Ada")
 
-    assert sixth.code == Code.UNAVAILABLE
-    assert "circuit breaker is open" in sixth.message
+    assert fourth.code == Code.UNAVAILABLE
+    assert "circuit breaker is open" in fourth.message
     assert also_good_names.code == Code.UNAVAILABLE
-    assert lang.executions("unavailable") == after_five
+    assert lang.executions("unavailable") == before + 5
     assert lang.executions("Ada") == ada_before
 
 
-async def test_four_unavailable_calls_and_a_success_keep_it_closed(lang: Lang) -> None:
+async def test_four_failed_attempts_and_a_success_keep_it_closed(lang: Lang) -> None:
     async with ServiceProcess("gateway", breaker_env(lang.service.url)) as service:
         gateway = Gateway(service)
-        for _ in range(4):
+        for _ in range(2):  # two invocations, four failed attempts
             await gateway.invoke_error("unavailable")
         await gateway.invoke("Ada")
-        for _ in range(4):
+        for _ in range(2):
             await gateway.invoke_error("unavailable")
-        assert (await gateway.breaker())["state"] == "closed"
+        report = await gateway.breaker()
+        assert (report["state"], report["consecutive_failures"]) == ("closed", 4)
 
 
 async def test_4xx_answers_never_open_it(lang: Lang) -> None:
@@ -297,7 +309,7 @@ async def test_after_the_open_period_good_calls_close_it_again(lang: Lang) -> No
     env = breaker_env(lang.service.url, GATEWAY_BREAKER_OPEN_S="1")
     async with ServiceProcess("gateway", env) as service:
         gateway = Gateway(service)
-        for _ in range(5):
+        for _ in range(3):
             await gateway.invoke_error("unavailable")
         assert (await gateway.breaker())["state"] == "open"
 
@@ -305,6 +317,7 @@ async def test_after_the_open_period_good_calls_close_it_again(lang: Lang) -> No
             return (await gateway.breaker())["state"] == "half_open"
 
         await eventually(half_open)
+        # Each good invocation is one attempt, one of the three trial successes.
         assert await gateway.invoke("Ada") == "Hello Ada from custom-lang-service!"
         assert (await gateway.breaker())["state"] == "half_open"  # 1 of 3 trial successes
         await gateway.invoke("Ada")
@@ -314,10 +327,10 @@ async def test_after_the_open_period_good_calls_close_it_again(lang: Lang) -> No
 
 
 async def test_a_failed_trial_call_opens_it_again(lang: Lang) -> None:
-    env = breaker_env(lang.service.url, GATEWAY_BREAKER_OPEN_S="1")
+    env = breaker_env(lang.service.url, GATEWAY_BREAKER_OPEN_S="1", GATEWAY_RETRY_REFILL_PER_S="0")
     async with ServiceProcess("gateway", env) as service:
         gateway = Gateway(service)
-        for _ in range(5):
+        for _ in range(3):
             await gateway.invoke_error("unavailable")
 
         async def half_open() -> bool:
@@ -325,15 +338,20 @@ async def test_a_failed_trial_call_opens_it_again(lang: Lang) -> None:
 
         await eventually(half_open)
         before = lang.executions("unavailable")
-        await gateway.invoke_error("unavailable")
-        assert lang.executions("unavailable") == before + 2  # the trial and its one retry
-        assert (await gateway.breaker())["state"] == "open"
+        error = await gateway.invoke_error("unavailable")
+        # The trial attempt failed and reopened the breaker, which refuses its retry: one
+        # attempt reached custom-lang, and custom-lang's own 503 is the answer.
+        assert lang.executions("unavailable") == before + 1
+        assert "circuit breaker" not in error.message
+        report = await gateway.breaker()
+        assert report["state"] == "open"
+        assert report["retry_tokens"] == 18  # the first two retries; none for the trial's
 
 
 async def test_breaker_state_changes_are_logged(lang: Lang) -> None:
     async with ServiceProcess("gateway", breaker_env(lang.service.url)) as service:
         gateway = Gateway(service)
-        for _ in range(5):
+        for _ in range(4):  # the third opens it, the fourth is refused
             await gateway.invoke_error("unavailable")
         logs = service.logs()
     opened = [json.loads(line) for line in logs.splitlines() if '"to_state": "open"' in line]
@@ -408,8 +426,8 @@ async def test_a_timeout_is_deadline_exceeded_after_one_retry() -> None:
             error = await gateway.invoke_error("patient")
             report = await gateway.breaker()
     assert error.code == Code.DEADLINE_EXCEEDED
-    assert slow.requests == 2
-    assert report["consecutive_failures"] == 1  # one invocation, one breaker outcome
+    assert slow.requests == 2  # a timed-out attempt is retried (the seed never does)
+    assert report["consecutive_failures"] == 2  # two attempts, two breaker outcomes
 
 
 async def test_a_retry_storm_is_bounded_by_the_budget(postgres: TestPostgres) -> None:

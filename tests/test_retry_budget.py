@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from microapp.platform.retry_budget import RetryBudget
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from microapp.platform.retry_budget import RetryBudget, RetryBudgetSnapshot
+
+T = TypeVar("T")
 
 
 class FakeClock:
@@ -68,3 +74,45 @@ def test_zero_capacity_never_retries() -> None:
     budget = RetryBudget(0, 10.0, clock=clock)
     clock.now += 10
     assert budget.try_acquire() is False
+
+
+def in_thread(read: Callable[[], T]) -> T:
+    """`read()` run on a thread of its own, as OpenTelemetry's exporter runs the gauges."""
+    results: list[T] = []
+    thread = threading.Thread(target=lambda: results.append(read()))
+    thread.start()
+    thread.join()
+    return results[0]
+
+
+def test_a_snapshot_counts_the_refill_without_storing_it() -> None:
+    clock = FakeClock()
+    budget = RetryBudget(20, 10.0, clock=clock)
+    drain(budget)
+    stored = budget._bucket
+    clock.now += 0.25
+    assert in_thread(budget.snapshot) == RetryBudgetSnapshot(tokens=2.5, capacity=20)
+    assert in_thread(lambda: budget.tokens) == 2
+    assert budget._bucket is stored  # the bucket was not refilled by looking
+
+
+def test_snapshots_from_another_thread_leave_what_is_acquired_unchanged() -> None:
+    # The same steps as test_tokens_refill_at_the_rate, with snapshots taken between
+    # them: the tokens acquired are exactly the same.
+    clock = FakeClock()
+    budget = RetryBudget(20, 10.0, clock=clock)
+    drain(budget)
+    clock.now += 0.35
+    for _ in range(5):
+        in_thread(budget.snapshot)
+    assert drain(budget) == 3
+    clock.now += 0.05
+    assert in_thread(budget.snapshot).whole_tokens == 1
+    assert drain(budget) == 1
+
+
+def test_a_snapshot_never_reads_more_than_capacity() -> None:
+    clock = FakeClock()
+    budget = RetryBudget(20, 10.0, clock=clock)
+    clock.now += 3600
+    assert in_thread(budget.snapshot) == RetryBudgetSnapshot(tokens=20.0, capacity=20)

@@ -9,7 +9,13 @@ and it reads the wall clock. This module extends it through its seams:
 - state subclasses make the open period follow that clock, admit at most
   `half_open_max` trial calls in half-open (as many successes close it, any failure
   reopens it), and ignore the late outcome of a call begun in an earlier state;
-- a listener logs every state change.
+- a listener logs every state change;
+- `snapshot()` computes what the breaker reads as at a moment without changing it, so
+  OpenTelemetry's exporter thread and `/debug/breaker` may read it from anywhere.
+
+The storage keeps its whole state in one frozen record that only the event loop replaces;
+a reader from another thread takes that one reference and computes from it, so it never
+sees half of an update and never writes.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -29,7 +36,7 @@ from aiobreaker.state import (
     CircuitHalfOpenState,
     CircuitOpenState,
 )
-from aiobreaker.storage.memory import CircuitMemoryStorage
+from aiobreaker.storage.base import CircuitBreakerStorage
 
 logger = logging.getLogger(__name__)
 
@@ -51,38 +58,77 @@ class BreakerOpenError(CircuitBreakerError):
         return self.message
 
 
-class ClockedStorage(CircuitMemoryStorage):
-    """aiobreaker's in-memory storage on an injected clock.
+@dataclass(frozen=True)
+class StoredState:
+    """Everything the storage holds, as one immutable value.
+
+    `window_ends` is when the failure count stops counting (None: never).
+    """
+
+    state: CircuitBreakerState
+    opened_at: float | None
+    failures: int
+    window_ends: float | None
+
+    def window_over(self, now: float) -> bool:
+        """Whether the failure count's window has ended by `now`."""
+        return self.window_ends is not None and now >= self.window_ends
+
+    def failures_at(self, now: float) -> int:
+        """The failure count as it reads at `now`: zero once its window is over."""
+        return 0 if self.window_over(now) else self.failures
+
+
+class ClockedStorage(CircuitBreakerStorage):
+    """aiobreaker's state storage, in memory, on an injected clock.
 
     The failure count lives in windows of `interval_s` seconds (0: one endless window)
     that begin when the breaker closes; a count older than its window reads as zero.
-    `opened_at` is in the clock's seconds, not a datetime.
+    `opened_at` is in the clock's seconds, not a datetime. Every change replaces
+    `record` whole; reading never changes it.
     """
 
     def __init__(self, clock: Clock, interval_s: float) -> None:
-        super().__init__(CircuitBreakerState.CLOSED)
+        super().__init__("memory")
         self._clock = clock
         self._interval_s = interval_s
-        self._window_ends: float | None = None
-        self.start_window()
+        self.record = StoredState(CircuitBreakerState.CLOSED, None, 0, self._window_end())
+
+    def _window_end(self) -> float | None:
+        return self._clock() + self._interval_s if self._interval_s > 0 else None
 
     def start_window(self) -> None:
         """Forget the failures counted so far and start a new counting window."""
-        self._fail_counter = 0
-        self._window_ends = self._clock() + self._interval_s if self._interval_s > 0 else None
+        self.record = replace(self.record, failures=0, window_ends=self._window_end())
 
-    def _expire_window(self) -> None:
-        if self._window_ends is not None and self._clock() >= self._window_ends:
-            self.start_window()
+    @property
+    def state(self) -> CircuitBreakerState:
+        return self.record.state
+
+    @state.setter
+    def state(self, state: CircuitBreakerState) -> None:
+        self.record = replace(self.record, state=state)
+
+    @property
+    def opened_at(self) -> float | None:
+        return self.record.opened_at
+
+    @opened_at.setter
+    def opened_at(self, opened_at: float | None) -> None:
+        self.record = replace(self.record, opened_at=opened_at)
 
     def increment_counter(self) -> None:
-        self._expire_window()
-        super().increment_counter()
+        # A failure after the window ended is the first of a new window.
+        if self.record.window_over(self._clock()):
+            self.start_window()
+        self.record = replace(self.record, failures=self.record.failures + 1)
+
+    def reset_counter(self) -> None:
+        self.record = replace(self.record, failures=0)
 
     @property
     def counter(self) -> int:
-        self._expire_window()
-        return self._fail_counter
+        return self.record.failures_at(self._clock())
 
 
 class _CurrentStateOnly(CircuitBreakerBaseState):
@@ -154,6 +200,15 @@ _STATE_CLASSES: dict[CircuitBreakerState, type[CircuitBreakerBaseState]] = {
 }
 
 
+@dataclass(frozen=True)
+class BreakerSnapshot:
+    """A breaker as it reads at one moment (what the next call would meet)."""
+
+    state: str
+    consecutive_failures: int
+    seconds_until_half_open: float
+
+
 class StateChangeLog(CircuitBreakerListener):
     """Logs every state change of a breaker."""
 
@@ -211,15 +266,29 @@ class CircuitBreaker(aiobreaker.CircuitBreaker):
 
     def open(self) -> None:
         """Open the circuit now, by the injected clock."""
-        self.storage.opened_at = self._clock()
-        self.state = self.storage.state = CircuitBreakerState.OPEN
+        self.storage.record = replace(
+            self.storage.record, state=CircuitBreakerState.OPEN, opened_at=self._clock()
+        )
+        self.state = CircuitBreakerState.OPEN
+
+    def close(self) -> None:
+        """Close the circuit: no failures counted, a new counting window."""
+        self.storage.record = replace(
+            self.storage.record,
+            state=CircuitBreakerState.CLOSED,
+            failures=0,
+            window_ends=self.storage._window_end(),
+        )
+        self.state = CircuitBreakerState.CLOSED
+
+    def _open_remaining(self, record: StoredState, now: float) -> float:
+        if record.state is not CircuitBreakerState.OPEN or record.opened_at is None:
+            return 0.0
+        return max(0.0, record.opened_at + self.timeout_duration.total_seconds() - now)
 
     def seconds_until_half_open(self) -> float:
         """How long the open period still lasts (0 when not open or over)."""
-        if self.storage.state is not CircuitBreakerState.OPEN or self.storage.opened_at is None:
-            return 0.0
-        ends = self.storage.opened_at + self.timeout_duration.total_seconds()
-        return max(0.0, ends - self._clock())
+        return self._open_remaining(self.storage.record, self._clock())
 
     def open_period_over(self) -> bool:
         return self.seconds_until_half_open() <= 0.0
@@ -235,25 +304,47 @@ class CircuitBreaker(aiobreaker.CircuitBreaker):
         remaining = self.seconds_until_half_open()
         return timedelta(seconds=remaining) if remaining > 0 else None
 
-    def _advance(self) -> None:
-        # Like gobreaker, reading the state moves an open breaker whose period is
-        # over to half-open, so what is reported is what the next call meets.
-        if self.storage.state is CircuitBreakerState.OPEN and self.open_period_over():
-            self.half_open()
+    def snapshot(self) -> BreakerSnapshot:
+        """What the breaker reads as now, computed without changing anything.
+
+        An open breaker whose period is over reads as half-open and a failure count whose
+        window ended reads as zero, as the next call would find them; only that call
+        makes the change. Safe from any thread: it reads one immutable record.
+        """
+        record = self.storage.record
+        now = self._clock()
+        remaining = self._open_remaining(record, now)
+        state = record.state
+        if state is CircuitBreakerState.OPEN and remaining <= 0.0:
+            state = CircuitBreakerState.HALF_OPEN
+        return BreakerSnapshot(
+            state=STATE_NAMES[state],
+            consecutive_failures=record.failures_at(now),
+            seconds_until_half_open=remaining,
+        )
 
     @property
     def state_name(self) -> str:
-        """The state now: "closed", "open" or "half_open"."""
-        self._advance()
-        return STATE_NAMES[self.storage.state]
+        """The state the next call meets: "closed", "open" or "half_open" (no side effect)."""
+        return self.snapshot().state
 
     @property
     def consecutive_failures(self) -> int:
-        """Failures in a row counted in the current window."""
-        return self.storage.counter
+        """Failures in a row counted in the current window (no side effect)."""
+        return self.snapshot().consecutive_failures
+
+    def _advance(self) -> None:
+        # Like gobreaker, asking whether a call may run moves an open breaker whose
+        # period is over to half-open. Only on the event loop: it changes state.
+        if self.storage.state is CircuitBreakerState.OPEN and self.open_period_over():
+            self.half_open()
 
     def admits(self) -> bool:
-        """Whether a call made now would run (rather than be refused)."""
+        """Whether a call made now would run (rather than be refused).
+
+        Call it on the event loop only: an open breaker whose period is over becomes
+        half-open here, as it would on the call itself.
+        """
         self._advance()
         state = self._state
         if isinstance(state, _HalfOpenState):

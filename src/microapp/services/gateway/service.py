@@ -64,10 +64,30 @@ def _outcome_of_reply(reply: Reply) -> Outcome:
     return Outcome(reply.message, connect_code_for_status(reply.status))
 
 
+# How an attempt can fail: each is one failure for the breaker.
+Failure = FailedReply | DownstreamTimeout | DownstreamUnreachable
+
+
+def _outcome_of_failure(exc: Failure) -> Outcome:
+    if isinstance(exc, FailedReply):
+        return _outcome_of_reply(exc.reply)
+    if isinstance(exc, DownstreamTimeout):
+        return Outcome(str(exc), Code.DEADLINE_EXCEEDED)
+    return Outcome(str(exc), Code.UNAVAILABLE)
+
+
+def _is_retryable(exc: Failure) -> bool:
+    """429, 502, 503, 504 and timeouts: a second attempt may well get through."""
+    if isinstance(exc, FailedReply):
+        return exc.reply.status in RETRYABLE_STATUSES
+    return isinstance(exc, DownstreamTimeout)
+
+
 class ResilientInvoker:
-    """One invocation is one outcome of the breaker, as in the seed: the breaker wraps the
-    call, and inside it a retryable failure is retried once when the budget has a token.
-    So "5 consecutive failures" means five failed invocations, retried or not."""
+    """Each attempt is one outcome of the breaker, as in the seed (`breaker.Execute` for
+    the call, and again for its retry). A retryable failure is retried once, only if the
+    breaker admits the retry and the budget has a token: a first failure that opened the
+    breaker, or a failed half-open trial, is the answer."""
 
     def __init__(self, custom_lang: CustomLang, breaker: CircuitBreaker, budget: RetryBudget):
         self._custom_lang = custom_lang
@@ -76,28 +96,28 @@ class ResilientInvoker:
 
     async def invoke(self, name: str) -> Outcome:
         try:
-            reply = await self._breaker.run(lambda: self._send_with_retry(name))
+            return _outcome_of_reply(await self._attempt(name))
         except BreakerOpenError as exc:
             return Outcome(f"custom-lang not called: {exc}", Code.UNAVAILABLE)
-        except FailedReply as exc:
-            return _outcome_of_reply(exc.reply)
-        except DownstreamTimeout as exc:
-            return Outcome(str(exc), Code.DEADLINE_EXCEEDED)
-        except DownstreamUnreachable as exc:
-            return Outcome(str(exc), Code.UNAVAILABLE)
-        return _outcome_of_reply(reply)
-
-    async def _send_with_retry(self, name: str) -> Reply:
+        except (FailedReply, DownstreamTimeout, DownstreamUnreachable) as exc:
+            first: Failure = exc
+        if not self._may_retry(first):
+            return _outcome_of_failure(first)
+        logger.debug("retrying custom-lang", extra={"reason": str(first)})
         try:
-            return await self._send(name)
-        except (FailedReply, DownstreamTimeout) as exc:
-            retryable = isinstance(exc, DownstreamTimeout) or (
-                exc.reply.status in RETRYABLE_STATUSES
-            )
-            if not (retryable and self._budget.try_acquire()):
-                raise
-            logger.debug("retrying custom-lang", extra={"reason": str(exc)})
-        return await self._send(name)
+            return _outcome_of_reply(await self._attempt(name))
+        except BreakerOpenError:
+            return _outcome_of_failure(first)
+        except (FailedReply, DownstreamTimeout, DownstreamUnreachable) as exc:
+            return _outcome_of_failure(exc)
+
+    def _may_retry(self, failure: Failure) -> bool:
+        # The breaker is asked before the budget so that a retry it would refuse costs
+        # no token; nothing is awaited between this and the retry's admission.
+        return _is_retryable(failure) and self._breaker.admits() and self._budget.try_acquire()
+
+    async def _attempt(self, name: str) -> Reply:
+        return await self._breaker.run(lambda: self._send(name))
 
     async def _send(self, name: str) -> Reply:
         reply = await self._custom_lang.invoke(name)
@@ -143,18 +163,24 @@ class GatewayHandler:
 
 
 class BreakerStatusRoute:
-    """`GET /debug/breaker`: the breaker's state and the retry budget's tokens."""
+    """`GET /debug/breaker`: the breaker's state and the retry budget's tokens.
+
+    Reads snapshots, so looking changes nothing: an open breaker whose period is over
+    reads `half_open` but becomes so only when the next call arrives. Behind the token
+    check when the service requires tokens (`with_token_check` guards every REST route).
+    """
 
     def __init__(self, breaker: CircuitBreaker, budget: RetryBudget) -> None:
         self._breaker = breaker
         self._budget = budget
 
     async def handle(self, request: Request) -> JSONResponse:
+        breaker = self._breaker.snapshot()
         return JSONResponse(
             {
-                "state": self._breaker.state_name,
-                "consecutive_failures": self._breaker.consecutive_failures,
-                "retry_tokens": self._budget.tokens,
+                "state": breaker.state,
+                "consecutive_failures": breaker.consecutive_failures,
+                "retry_tokens": self._budget.snapshot().whole_tokens,
             },
             headers={"Cache-Control": "no-store"},
         )
