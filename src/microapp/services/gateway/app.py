@@ -73,7 +73,11 @@ class GatewaySettings:
 
 
 class ResilienceGauges:
-    """Reports the breaker and the retry budget as OpenTelemetry gauges (when exporting)."""
+    """Reports the breaker and the retry budget as OpenTelemetry gauges (when exporting).
+
+    The callbacks run on the exporter's thread, so they read side-effect-free snapshots
+    and never move the breaker or refill the bucket from there.
+    """
 
     STATE_NUMBERS = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -85,11 +89,14 @@ class ResilienceGauges:
         breaker, budget = self._breaker, self._budget
         observe(
             "microapp.breaker.state",
-            lambda: self.STATE_NUMBERS[breaker.state_name],
+            lambda: self.STATE_NUMBERS[breaker.snapshot().state],
             description="0 closed, 1 half-open, 2 open",
         )
-        observe("microapp.breaker.consecutive_failures", lambda: breaker.consecutive_failures)
-        observe("microapp.retry_budget.tokens", lambda: budget.tokens)
+        observe(
+            "microapp.breaker.consecutive_failures",
+            lambda: breaker.snapshot().consecutive_failures,
+        )
+        observe("microapp.retry_budget.tokens", lambda: budget.snapshot().whole_tokens)
 
     async def close(self) -> None:
         """Nothing to release."""
