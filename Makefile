@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup up test lint format gen web bench clean help
+.PHONY: setup up test lint format gen web bench clean help breaking
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -26,6 +26,19 @@ test: setup ## set up, then run every test
 lint: setup ## ruff check and ruff format --check
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+
+# The wire contract: what breaking compares the protos with. The previous commit by
+# default; a branch's CI may set BREAKING_AGAINST='.git#branch=main'.
+BREAKING_AGAINST ?= .git\#ref=HEAD~1
+
+breaking: setup ## buf lint, and buf breaking against the previous commit's protos
+	$(BIN)/buf lint
+	@if [ "$(BREAKING_AGAINST)" != ".git#ref=HEAD~1" ] || git rev-parse -q --verify HEAD~1 >/dev/null; then \
+		echo "buf breaking --against '$(BREAKING_AGAINST)'"; \
+		$(BIN)/buf breaking --against '$(BREAKING_AGAINST)'; \
+	else \
+		echo "buf breaking: SKIPPED: this clone has no parent commit (a first commit, or a shallow clone: git fetch --deepen=1)"; \
+	fi
 
 format: setup ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix src tests bench
