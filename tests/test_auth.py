@@ -458,7 +458,7 @@ async def test_token_still_verifies_after_a_restart_with_the_same_key_file(
 async def test_token_still_verifies_after_a_restart_with_the_same_dev_key_dir(
     tmp_path: Path,
 ) -> None:
-    env = {"AUTH_DEV_KEY_DIR": str(tmp_path / "keys")}
+    env = {"AUTH_DEV_KEY_DIR": str(tmp_path / "keys"), "AUTH_DEV_MODE": "1"}
     async with ServiceProcess("auth", env) as first:
         status, body, _ = await _request(
             "POST", first.url + "/auth/login", body={"email": "dev@example.org", "password": "x"}
@@ -504,12 +504,12 @@ async def test_unreadable_key_file_stops_the_service_with_a_clear_message(tmp_pa
     assert "AUTH_PRIVATE_KEY_FILE" in service.logs()
 
 
-# --- without a database ----------------------------------------------------------------------
+# --- without a database, in development mode (AUTH_DEV_MODE=1) --------------------------------
 
 
 @pytest.fixture(scope="module")
 async def dev_auth(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ServiceProcess]:
-    env = {"AUTH_DEV_KEY_DIR": str(tmp_path_factory.mktemp("dev-keys"))}
+    env = {"AUTH_DEV_KEY_DIR": str(tmp_path_factory.mktemp("dev-keys")), "AUTH_DEV_MODE": "1"}
     async with ServiceProcess("auth", env) as service:
         yield service
 
@@ -524,7 +524,7 @@ async def test_without_a_database_register_is_503(dev_auth: ServiceProcess) -> N
     assert "database" in body["error"]
 
 
-async def test_without_a_database_any_email_logs_in(dev_auth: ServiceProcess) -> None:
+async def test_in_development_mode_any_email_logs_in(dev_auth: ServiceProcess) -> None:
     status, body, _ = await _request(
         "POST", dev_auth.url + "/auth/login", body={"email": "anyone@example.org", "password": ""}
     )
@@ -534,7 +534,7 @@ async def test_without_a_database_any_email_logs_in(dev_auth: ServiceProcess) ->
     assert uuid.UUID(verified["userId"])
 
 
-async def test_without_a_database_the_startup_log_warns_of_development_mode(
+async def test_in_development_mode_the_startup_log_warns_of_it(
     dev_auth: ServiceProcess,
 ) -> None:
     warnings = [

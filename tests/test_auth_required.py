@@ -53,7 +53,7 @@ class Stack:
 async def stack(
     external: ExternalServer, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
-    auth_env = {"AUTH_DEV_KEY_DIR": str(tmp_path_factory.mktemp("auth-keys"))}
+    auth_env = {"AUTH_DEV_KEY_DIR": str(tmp_path_factory.mktemp("auth-keys")), "AUTH_DEV_MODE": "1"}
     async with ServiceProcess("auth", auth_env) as auth, ServiceProcess("caller") as caller:
         greeter_env = {
             "AUTH_REQUIRED": "1",

@@ -180,7 +180,7 @@ async def test_up_without_a_database_serves_every_call(tmp_path: Path) -> None:
         await _all_healthy(up)
         await _greet(up, "NoDb")
         await _invoke(up, "NoDb")
-        await _login_and_verify(up, "anyone@example.com")  # development mode: any email
+        await _login_and_verify(up, "anyone@example.com")  # --no-db sets AUTH_DEV_MODE=1
         up.process.send_signal(signal.SIGINT)
         assert await up.finish() == 0, up.text()
     assert all(_port_free(port) for port in PORTS.values())

@@ -1,8 +1,9 @@
 """Bearer-token checks any service can turn on with `AUTH_REQUIRED=1`.
 
 Tokens are the auth service's RS256 JWTs. A service that requires them fetches the auth
-service's public keys from `AUTH_JWKS_URL` once, keeps them, and fetches again only when a
-token names a key id it does not know (the auth service's key changed). Connect calls without
+service's public keys from `AUTH_JWKS_URL`, keeps them for `AUTH_JWKS_TTL_S`, and fetches
+again sooner only when a token names a key id it does not know (the auth service's key
+changed), at most once per few seconds. Connect calls without
 a valid token are answered `unauthenticated` by an interceptor that runs before the request
 body is read; REST routes answer 401 JSON. `/healthz` and `/livez` are not guarded.
 """
@@ -14,6 +15,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -30,7 +32,7 @@ from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
-from microapp.platform.config import CommonSettings, ConfigError
+from microapp.platform.config import CommonSettings, ConfigError, env_float
 from microapp.platform.rest import json_error
 
 if TYPE_CHECKING:
@@ -41,6 +43,11 @@ logger = logging.getLogger(__name__)
 ISSUER = "auth-service"
 ALGORITHM = "RS256"
 MAX_JWKS_BYTES = 64 * 1024
+# How long fetched keys are trusted: a key auth stopped publishing stops verifying after this.
+DEFAULT_JWKS_TTL_S = 300.0
+# The least time between two fetches, whatever asks for them: tokens with made-up key ids
+# (or auth being away) cost auth at most one request per this many seconds per service.
+DEFAULT_MIN_REFRESH_INTERVAL_S = 5.0
 
 _DECODE_OPTIONS = {
     "verify_signature": True,
@@ -163,18 +170,27 @@ def parse_jwks(document: object) -> dict[str, Key]:
     return keys
 
 
-class JwksClient:
-    """The auth service's public keys, fetched once and refetched on an unknown kid.
+def jwks_ttl_s(env: Mapping[str, str] | None = None) -> float:
+    """`AUTH_JWKS_TTL_S`: seconds the fetched keys are kept before they are fetched again."""
+    env = os.environ if env is None else env
+    return env_float(env, "AUTH_JWKS_TTL_S", DEFAULT_JWKS_TTL_S, minimum=1.0)
 
-    Refetches are single-flight and at most one per `min_refresh_interval` seconds, so a
+
+class JwksClient:
+    """The auth service's public keys: fetched on first use, again once they are `ttl_s`
+    old, and at once when a token names an unknown kid (a rotation).
+
+    Fetches are single-flight and at most one per `min_refresh_interval` seconds, so a
     stream of tokens with made-up key ids cannot turn into a stream of requests to auth.
+    When a refresh fails, the keys already held keep verifying until the next attempt.
     """
 
     def __init__(
         self,
         url: str,
         *,
-        min_refresh_interval: float = 10.0,
+        ttl_s: float = DEFAULT_JWKS_TTL_S,
+        min_refresh_interval: float = DEFAULT_MIN_REFRESH_INTERVAL_S,
         fetch_timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -182,14 +198,21 @@ class JwksClient:
             raise ConfigError(f"AUTH_JWKS_URL must be an http(s) URL, got {url!r}")
         self.url = url
         self.fetches = 0
+        self._ttl_s = ttl_s
         self._min_refresh_interval = min_refresh_interval
         self._fetch_timeout = fetch_timeout
         self._clock = clock
         self._keys: dict[str, Key] = {}
+        self._fetched_at: float | None = None
         self._last_attempt: float | None = None
         self._last_failed = False
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def ttl_s(self) -> float:
+        """Seconds fetched keys are kept before the next token fetches them again."""
+        return self._ttl_s
 
     async def start(self) -> None:
         """Nothing is fetched yet: the first token to check triggers it."""
@@ -202,11 +225,32 @@ class JwksClient:
 
     async def verify(self, token: str) -> Principal:
         """Check a token; raises `InvalidToken`, or `KeysUnavailable` when auth is away."""
+        if self._expired():
+            # Stale keys still verify when the refresh fails: auth being briefly away
+            # should not turn every valid token into a 503.
+            with contextlib.suppress(KeysUnavailable):
+                await self._refresh()
         try:
             return verify_jwt(token, self._keys)
         except UnknownKeyId:
             keys = await self._refresh()
             return verify_jwt(token, keys)
+
+    def _expired(self) -> bool:
+        """True when the keys held are older than the TTL and a fetch is allowed now.
+
+        Nothing fetched yet is not expired: the first token with a kid fetches, so
+        garbage tokens never cause a request.
+        """
+        if self._fetched_at is None or self._clock() - self._fetched_at < self._ttl_s:
+            return False
+        return not self._throttled()
+
+    def _throttled(self) -> bool:
+        return (
+            self._last_attempt is not None
+            and self._clock() - self._last_attempt < self._min_refresh_interval
+        )
 
     async def _refresh(self) -> dict[str, Key]:
         attempt_seen = self._last_attempt
@@ -214,14 +258,12 @@ class JwksClient:
             if self._last_attempt != attempt_seen:
                 # Another request fetched while we waited; use what it got.
                 return self._current_or_raise()
-            if (
-                self._last_attempt is not None
-                and self._clock() - self._last_attempt < self._min_refresh_interval
-            ):
+            if self._throttled():
                 return self._current_or_raise()
             self._last_attempt = self._clock()
             try:
                 self._keys = await self._fetch()
+                self._fetched_at = self._last_attempt
                 self._last_failed = False
                 logger.info("fetched JWKS", extra={"url": self.url, "kids": sorted(self._keys)})
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -324,8 +366,10 @@ def with_token_check(settings: CommonSettings, parts: ServiceParts) -> ServicePa
     """
     if not settings.auth_jwks_url:
         raise ConfigError("AUTH_REQUIRED=1 needs AUTH_JWKS_URL (the auth service's JWKS URL)")
-    jwks = JwksClient(settings.auth_jwks_url)
-    logger.info("bearer tokens required", extra={"jwks_url": jwks.url})
+    # AUTH_JWKS_TTL_S belongs with AUTH_JWKS_URL; it is read here because CommonSettings
+    # does not carry it (yet).
+    jwks = JwksClient(settings.auth_jwks_url, ttl_s=jwks_ttl_s())
+    logger.info("bearer tokens required", extra={"jwks_url": jwks.url, "ttl_s": jwks.ttl_s})
     return replace(
         parts,
         interceptors=[ConnectTokenCheck(jwks), *parts.interceptors],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 import uuid
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import psycopg
 
 from microapp.platform.authn import Principal
 from microapp.platform.db import Database, DatabaseUnavailable
-from microapp.services.auth.passwords import Passwords
+from microapp.services.auth.passwords import Passwords, PasswordsBusy
 from microapp.services.auth.tokens import TokenIssuer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ class AccountsUnavailable(Exception):
     """The user store is not configured or not reachable."""
 
 
+class AccountsBusy(AccountsUnavailable):
+    """Too many password checks are running; the caller should retry shortly."""
+
+
 @dataclass(frozen=True)
 class User:
     """A registered account as clients see it."""
@@ -63,6 +68,16 @@ class User:
 def normalize_email(email: str) -> str:
     """Emails compare without surrounding blanks and case: `Ada@X.org` is `ada@x.org`."""
     return email.strip().lower()
+
+
+def check_email_characters(email: str) -> None:
+    """Raise `InvalidInput` when `email` holds a control character (NUL, newline, DEL, C1).
+
+    Checked on the raw input, before any normalization strips blanks, and before the
+    database: PostgreSQL refuses NUL in text, and no address contains such characters.
+    """
+    if any(unicodedata.category(char) == "Cc" for char in email):
+        raise InvalidInput("email must not contain control characters")
 
 
 def validate_registration(email: str, password: str) -> None:
@@ -78,28 +93,35 @@ def validate_registration(email: str, password: str) -> None:
 class Accounts:
     """Registers users, checks their passwords and issues and verifies their tokens.
 
-    Without a database it runs in development mode: registration is refused and any
-    well-formed email logs in.
+    Without a database, registration and login are refused, unless `dev_mode` is set:
+    then any well-formed email logs in (development only).
     """
 
     def __init__(
-        self, database: Database | None, passwords: Passwords, tokens: TokenIssuer
+        self,
+        database: Database | None,
+        passwords: Passwords,
+        tokens: TokenIssuer,
+        *,
+        dev_mode: bool = False,
     ) -> None:
         self._database = database
         self._passwords = passwords
         self._tokens = tokens
+        self._dev_mode = dev_mode
 
     @property
     def development_mode(self) -> bool:
-        """True when there is no user store and any email logs in."""
-        return self._database is None
+        """True when there is no user store and development mode lets any email log in."""
+        return self._database is None and self._dev_mode
 
     async def register(self, email: str, password: str) -> User:
         """Create an account with role `user`."""
+        check_email_characters(email)
         email = normalize_email(email)
         validate_registration(email, password)
         database = self._require_database()
-        password_hash = await self._passwords.hash(password)
+        password_hash = await self._hash(password)
         try:
             async with database.connection() as conn:
                 cursor = await conn.execute(INSERT_USER, (email, password_hash))
@@ -112,8 +134,9 @@ class Accounts:
 
     async def login(self, email: str, password: str) -> str:
         """A token for valid credentials; `BadCredentials` otherwise."""
+        check_email_characters(email)
         email = normalize_email(email)
-        if self._database is None:
+        if self.development_mode:
             return self._development_login(email)
         database = self._require_database()
         try:
@@ -125,7 +148,11 @@ class Accounts:
         # An unknown email is checked against a dummy hash: the same argon2 work as a
         # wrong password, so the answer's timing does not tell whether the email exists.
         stored_hash = row[1] if row else None
-        if not await self._passwords.check(stored_hash, password) or row is None:
+        try:
+            matches = await self._passwords.check(stored_hash, password)
+        except PasswordsBusy as exc:
+            raise AccountsBusy(str(exc)) from None
+        if not matches or row is None:
             raise BadCredentials("invalid email or password")
         user_id, role = str(row[0]), row[2]
         if self._passwords.needs_rehash(row[1]):
@@ -141,9 +168,15 @@ class Accounts:
             raise BadCredentials("invalid email or password")
         return self._tokens.issue(str(uuid.uuid5(_DEV_NAMESPACE, email)), DEFAULT_ROLE)
 
+    async def _hash(self, password: str) -> str:
+        try:
+            return await self._passwords.hash(password)
+        except PasswordsBusy as exc:
+            raise AccountsBusy(str(exc)) from None
+
     def _require_database(self) -> Database:
         if self._database is None:
-            raise AccountsUnavailable("registration needs a database (DATABASE_URL is not set)")
+            raise AccountsUnavailable("accounts need a database (DATABASE_URL is not set)")
         if not self._database.ready:
             raise AccountsUnavailable("the user store is unavailable")
         return self._database
@@ -154,5 +187,5 @@ class Accounts:
         try:
             new_hash = await self._passwords.hash(password)
             await database.execute(UPDATE_HASH, (new_hash, user_id))
-        except (DatabaseUnavailable, psycopg.Error) as exc:
+        except (DatabaseUnavailable, psycopg.Error, PasswordsBusy) as exc:
             logger.warning("password rehash failed", extra={"error": str(exc)})

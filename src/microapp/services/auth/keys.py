@@ -10,10 +10,12 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -42,6 +44,16 @@ def jwk_thumbprint(public_jwk: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
+def public_jwk(key: rsa.RSAPublicKey) -> dict[str, Any]:
+    """The JWKS entry of an RSA public key: its kid is the key's RFC 7638 thumbprint."""
+    if key.key_size < MIN_KEY_BITS:
+        raise ConfigError(f"the RSA key has {key.key_size} bits; at least 2048 are needed")
+    numbers = key.public_numbers()
+    jwk = {"kty": "RSA", "n": _b64url_uint(numbers.n), "e": _b64url_uint(numbers.e)}
+    kid = jwk_thumbprint(jwk)
+    return {**jwk, "use": "sig", "alg": ALGORITHM, "kid": kid}
+
+
 @dataclass(frozen=True)
 class SigningKey:
     """An RSA private key with its public JWK; the kid is the key's own thumbprint."""
@@ -53,21 +65,13 @@ class SigningKey:
     @classmethod
     def from_private_key(cls, key: rsa.RSAPrivateKey) -> SigningKey:
         """Describe a private key: PEM for signing, JWK and kid for verifiers."""
-        if key.key_size < MIN_KEY_BITS:
-            raise ConfigError(f"the RSA key has {key.key_size} bits; at least 2048 are needed")
-        numbers = key.public_key().public_numbers()
-        jwk = {"kty": "RSA", "n": _b64url_uint(numbers.n), "e": _b64url_uint(numbers.e)}
-        kid = jwk_thumbprint(jwk)
+        public = public_jwk(key.public_key())
         pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        return cls(
-            private_pem=pem,
-            kid=kid,
-            public_jwk={**jwk, "use": "sig", "alg": ALGORITHM, "kid": kid},
-        )
+        return cls(private_pem=pem, kid=public["kid"], public_jwk=public)
 
     @classmethod
     def from_pem(cls, pem: bytes, *, source: str) -> SigningKey:
@@ -93,6 +97,35 @@ def load_key_file(path: Path) -> SigningKey:
     except OSError as exc:
         raise ConfigError(f"AUTH_PRIVATE_KEY_FILE cannot be read: {exc}") from None
     return SigningKey.from_pem(pem, source=f"AUTH_PRIVATE_KEY_FILE ({path})")
+
+
+def load_previous_public_keys(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The JWKS entries of `AUTH_PREVIOUS_PUBLIC_KEY_FILES`, in the order given.
+
+    Each file holds a PEM public key (or the old private key, whose public half is
+    taken). A missing or unusable file is a `ConfigError`: silently dropping a key would
+    log out everyone holding a token it signed.
+    """
+    return [_load_public_key_file(path) for path in paths]
+
+
+def _load_public_key_file(path: Path) -> dict[str, Any]:
+    source = f"AUTH_PREVIOUS_PUBLIC_KEY_FILES ({path})"
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{source} cannot be read: {exc}") from None
+    key: object
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        try:
+            key = serialization.load_pem_private_key(pem, password=None).public_key()
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ConfigError(f"{source} is not a PEM public key") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ConfigError(f"{source} must hold an RSA key")
+    return public_jwk(key)
 
 
 def load_or_create_dev_key(directory: Path) -> SigningKey:

@@ -10,6 +10,7 @@ from microapp.platform.authn import InvalidToken, bearer_token
 from microapp.platform.rest import json_error, read_json_object, string_field
 from microapp.services.auth.accounts import (
     Accounts,
+    AccountsBusy,
     AccountsUnavailable,
     BadCredentials,
     EmailTaken,
@@ -18,6 +19,8 @@ from microapp.services.auth.accounts import (
 from microapp.services.auth.tokens import TokenIssuer
 
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
+# Password hashing was saturated: a second later a slot is likely free.
+_BUSY_HEADERS = {"Retry-After": "1"}
 
 
 def auth_routes(accounts: Accounts, tokens: TokenIssuer, *, max_body_bytes: int) -> list[Route]:
@@ -33,6 +36,8 @@ def auth_routes(accounts: Accounts, tokens: TokenIssuer, *, max_body_bytes: int)
             return json_error(400, str(exc))
         except EmailTaken as exc:
             return json_error(409, str(exc))
+        except AccountsBusy as exc:
+            return json_error(503, str(exc), headers=_BUSY_HEADERS)
         except AccountsUnavailable as exc:
             return json_error(503, str(exc))
         return JSONResponse({"id": user.id, "email": user.email, "role": user.role}, 201)
@@ -43,8 +48,12 @@ def auth_routes(accounts: Accounts, tokens: TokenIssuer, *, max_body_bytes: int)
             token = await accounts.login(
                 string_field(body, "email"), string_field(body, "password")
             )
+        except InvalidInput as exc:
+            return json_error(400, str(exc))
         except BadCredentials as exc:
             return json_error(401, str(exc), headers=_UNAUTHORIZED_HEADERS)
+        except AccountsBusy as exc:
+            return json_error(503, str(exc), headers=_BUSY_HEADERS)
         except AccountsUnavailable as exc:
             return json_error(503, str(exc))
         return JSONResponse({"token": token}, headers={"Cache-Control": "no-store"})

@@ -25,7 +25,11 @@ from microapp.services.auth.accounts import (
 
 
 class AuthHandler:
-    """Implements the generated `AuthService` protocol."""
+    """Implements the generated `AuthService` protocol.
+
+    Saturated password hashing is `unavailable` like a database outage: the same call
+    is likely to succeed when retried a moment later.
+    """
 
     def __init__(self, accounts: Accounts) -> None:
         self._accounts = accounts
@@ -48,6 +52,8 @@ class AuthHandler:
     ) -> LoginResponse:
         try:
             token = await self._accounts.login(request.email, request.password)
+        except InvalidInput as exc:
+            raise ConnectError(Code.INVALID_ARGUMENT, str(exc)) from None
         except BadCredentials as exc:
             raise ConnectError(Code.UNAUTHENTICATED, str(exc)) from None
         except AccountsUnavailable as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jose import jwk, jwt
@@ -15,12 +15,16 @@ DEFAULT_TOKEN_TTL_S = 24 * 3600
 
 
 class TokenIssuer:
-    """Signs tokens with one key and verifies them with the same rules as every service."""
+    """Signs tokens with one key and verifies them with the same rules as every service.
+
+    The JWKS and the verification accept the signing key and any previous public keys.
+    """
 
     def __init__(
         self,
         key: SigningKey,
         *,
+        previous_public_jwks: Sequence[Mapping[str, Any]] = (),
         ttl_s: int = DEFAULT_TOKEN_TTL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -29,8 +33,14 @@ class TokenIssuer:
         self._clock = clock
         # Parse the PEM once; signing with a ready key object skips that per token.
         self._signing_key = jwk.construct(key.private_pem, ALGORITHM)
-        self._verification_keys = {key.kid: rsa_public_key(key.public_jwk)}
-        self._jwks = {"keys": [dict(key.public_jwk)]}
+        # Previous keys only verify: tokens they signed before a rotation stay valid until
+        # they expire, and verifiers elsewhere find them in the JWKS.
+        published = [dict(key.public_jwk)]
+        for previous in previous_public_jwks:
+            if previous["kid"] not in {entry["kid"] for entry in published}:
+                published.append(dict(previous))
+        self._verification_keys = {entry["kid"]: rsa_public_key(entry) for entry in published}
+        self._jwks = {"keys": published}
 
     @property
     def kid(self) -> str:
@@ -52,7 +62,7 @@ class TokenIssuer:
         )
 
     def verify(self, token: str) -> Principal:
-        """The token's principal; raises `InvalidToken` (also for another key's tokens)."""
+        """The token's principal; raises `InvalidToken` (also for an unpublished key's tokens)."""
         return verify_jwt(token, self._verification_keys)
 
     def jwks(self) -> dict[str, Any]:
