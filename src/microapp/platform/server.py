@@ -1,17 +1,68 @@
-"""Hypercorn serving HTTP/1.1 and h2c (prior knowledge) on one port, stopping gracefully."""
+"""Hypercorn serving HTTP/1.1 and h2c (prior knowledge) on one port, stopping gracefully,
+with limits that keep one hostile or broken client from hurting the others."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from dataclasses import dataclass
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
+import h2.errors
+import h2.events
+import h11
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import Response, StreamClosed
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.typing import ASGIFramework
 
+from microapp.platform.config import ConfigError, env_float, env_int
+
 logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one client connection may do before the server cuts it off.
+
+    The reasoning behind each default is in docs/operations.md ("Connection limits").
+    """
+
+    # Longest silence from a client while its connection is open (a stalled or trickled
+    # body, or nothing at all); 0 turns it off.
+    read_timeout_s: float = 30.0
+    # HTTP/2 rapid reset (CVE-2023-44487): client stream resets a connection may make at
+    # once, refilled at this many per window; past it the client gets GOAWAY.
+    h2_max_resets: int = 200
+    h2_reset_window_s: float = 30.0
+    # HTTP/1.1: request body still to be read, after an early answer, that the server
+    # reads and discards so the connection can carry the next request.
+    h1_drain_max_bytes: int = 4 * MIB
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> HttpLimits:
+        """Read HTTP_READ_TIMEOUT_S, HTTP2_MAX_RESETS, HTTP2_RESET_WINDOW_S and
+        HTTP1_DRAIN_MAX_BYTES (docs/configuration.md)."""
+        window = env_float(env, "HTTP2_RESET_WINDOW_S", cls.h2_reset_window_s)
+        if window <= 0:
+            raise ConfigError(f"HTTP2_RESET_WINDOW_S must be more than 0, got {window}")
+        return cls(
+            read_timeout_s=env_float(env, "HTTP_READ_TIMEOUT_S", cls.read_timeout_s),
+            h2_max_resets=env_int(env, "HTTP2_MAX_RESETS", cls.h2_max_resets, minimum=1),
+            h2_reset_window_s=window,
+            h1_drain_max_bytes=env_int(env, "HTTP1_DRAIN_MAX_BYTES", cls.h1_drain_max_bytes),
+        )
 
 
 @dataclass(frozen=True)
@@ -20,8 +71,10 @@ class ServerOptions:
 
     host: str
     port: int
-    # Hypercorn closes a connection after this many requests (default 1000); under h2c
-    # load that showed as failed calls, so keep connections for as long as they live.
+    # Hypercorn closes a connection after this many requests (default 1000), its only
+    # bound against HTTP/2 rapid reset; under h2c load that showed as failed calls. The
+    # reset budget in `limits` bounds rapid reset instead, so legitimate connections
+    # may live as long as they like.
     keep_alive_max_requests: int = 1_000_000_000
     # In-flight requests get this long to finish after SIGTERM.
     graceful_timeout: float = 10.0
@@ -29,22 +82,83 @@ class ServerOptions:
     use_uvloop: bool = True
     # "hypercorn" (the default) or the opt-in "granian" (see docs/benchmarks.md).
     server: str = "hypercorn"
+    # None: `run` reads them from the environment (HttpLimits.from_env).
+    limits: HttpLimits | None = None
+
+
+class _LimitedConfig(Config):
+    """Hypercorn's config carrying our limits to the protocol guards below."""
+
+    http_limits: HttpLimits | None = None
 
 
 def hypercorn_config(options: ServerOptions) -> Config:
-    """The Hypercorn configuration for one service."""
-    config = Config()
+    """The Hypercorn configuration for one service, with the protocol guards installed."""
+    install_protocol_guards()
+    limits = options.limits or HttpLimits()
+    config = _LimitedConfig()
     host = f"[{options.host}]" if ":" in options.host else options.host
     config.bind = [f"{host}:{options.port}"]
     config.keep_alive_max_requests = options.keep_alive_max_requests
     config.graceful_timeout = options.graceful_timeout
     config.h2_max_concurrent_streams = options.h2_max_concurrent_streams
+    config.read_timeout = limits.read_timeout_s or None  # type: ignore[assignment]
+    config.http_limits = limits
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
 
-def ignore_body_frames_after_the_answer() -> None:
+def _limits(config: Config) -> HttpLimits | None:
+    """The limits a guard enforces; None for a config not made by `hypercorn_config`."""
+    return getattr(config, "http_limits", None)
+
+
+class ResetBudget:
+    """A token bucket of client stream resets: `capacity` at once, refilled at `capacity`
+    per `window_s`. The clock is injectable so tests are exact."""
+
+    def __init__(
+        self, capacity: int, window_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._capacity = float(capacity)
+        self._refill_per_s = capacity / window_s
+        self._tokens = float(capacity)
+        self._clock = clock
+        self._last = clock()
+
+    def try_spend(self) -> bool:
+        """Take one reset from the budget; False when none is left."""
+        now = self._clock()
+        self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._refill_per_s)
+        self._last = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+def install_protocol_guards() -> None:
+    """Patch Hypercorn 0.18's protocol classes (once per process) with our guards.
+
+    Hypercorn offers no hooks for these, so each guard wraps one method and delegates to
+    the original for everything else; tests/test_http_limits.py and tests/test_fuzz.py pin
+    the behaviour, so an upgrade that moves these methods fails there, not in production.
+    """
+    global _guards_installed
+    if _guards_installed:
+        return
+    _guards_installed = True
+    _ignore_body_frames_after_the_answer()
+    _budget_h2_stream_resets()
+    _drain_h11_bodies_answered_early()
+    _unblock_streams_closed_with_unread_body()
+
+
+_guards_installed = False
+
+
+def _ignore_body_frames_after_the_answer() -> None:
     """Keep an h2c connection alive when body frames arrive for a stream already answered.
 
     Hypercorn 0.18 looks such a stream up after closing it and the KeyError tears down
@@ -52,12 +166,7 @@ def ignore_body_frames_after_the_answer() -> None:
     service client's). A server may answer before reading the body (wrong content type,
     oversized body), so this is ordinary traffic. Upstream: pgjones/hypercorn#329.
     """
-    import h2.events
-    from hypercorn.protocol.h2 import H2Protocol
-
     handle_events = H2Protocol._handle_events
-    if getattr(handle_events, "ignores_late_body_frames", False):
-        return
 
     async def _handle_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
         # One event at a time: answering one event can close the stream the next is for.
@@ -70,14 +179,224 @@ def ignore_body_frames_after_the_answer() -> None:
                 continue
             await handle_events(self, [event])
 
-    _handle_events.ignores_late_body_frames = True  # type: ignore[attr-defined]
     H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
+
+
+# After GOAWAY the client may still have frames in flight: read and drop up to this much
+# before closing, because closing a socket with unread data sends a TCP reset, which can
+# destroy the GOAWAY before the client has read it.
+_GOAWAY_LINGER_BYTES = 4 * MIB
+
+
+@dataclass
+class _ResetGuard:
+    budget: ResetBudget
+    goaway_sent: bool = False
+    linger_left: int = _GOAWAY_LINGER_BYTES
+
+
+_reset_guards: weakref.WeakKeyDictionary[H2Protocol, _ResetGuard] = weakref.WeakKeyDictionary()
+
+
+def _budget_h2_stream_resets() -> None:
+    """Answer an HTTP/2 rapid-reset flood (CVE-2023-44487) with GOAWAY(ENHANCE_YOUR_CALM).
+
+    Each stream a client opens starts the app; resetting it at once frees the stream slot
+    without waiting, so MAX_CONCURRENT_STREAMS bounds nothing. Hypercorn's only bound is
+    closing after `keep_alive_max_requests`, which also cuts legitimate long-lived
+    connections. Counting the client's resets instead leaves requests unbounded: a client
+    that resets more than its `ResetBudget` allows is told to go away and cut off.
+    """
+    handle_events = H2Protocol._handle_events
+    handle = H2Protocol.handle
+
+    async def _handle_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
+        guard = _reset_guard(self)
+        for event in events:
+            if guard is not None and guard.goaway_sent:
+                return
+            if (
+                guard is not None
+                and isinstance(event, h2.events.StreamReset)
+                and event.remote_reset
+                and not guard.budget.try_spend()
+            ):
+                guard.goaway_sent = True
+                self.connection.close_connection(
+                    error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                    last_stream_id=event.stream_id,
+                    additional_data=b"too many stream resets",
+                )
+                await self._flush()
+                logger.warning(
+                    "too many HTTP/2 stream resets: sent GOAWAY",
+                    extra={"client": _peer(self.client)},
+                )
+                return
+            await handle_events(self, [event])
+
+    async def _handle(self: H2Protocol, event: Event) -> None:
+        guard = _reset_guards.get(self)
+        if guard is not None and guard.goaway_sent and isinstance(event, RawData):
+            # The connection state is closed: parsing more frames would only fail.
+            guard.linger_left -= len(event.data)
+            if guard.linger_left < 0:
+                await self.send(Closed())
+            return
+        await handle(self, event)
+
+    H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
+    H2Protocol.handle = _handle  # type: ignore[method-assign]
+
+
+def _reset_guard(protocol: H2Protocol) -> _ResetGuard | None:
+    """The connection's reset budget, made on first use from its config's limits."""
+    guard = _reset_guards.get(protocol)
+    if guard is None:
+        limits = _limits(protocol.config)
+        if limits is None:
+            return None
+        guard = _ResetGuard(ResetBudget(limits.h2_max_resets, limits.h2_reset_window_s))
+        _reset_guards[protocol] = guard
+    return guard
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "unknown"
+
+
+@dataclass
+class _Drain:
+    """An HTTP/1.1 request answered before its body was read: what may still be read."""
+
+    left: int
+
+
+_declared_lengths: weakref.WeakKeyDictionary[H11Protocol, int | None] = weakref.WeakKeyDictionary()
+_drains: weakref.WeakKeyDictionary[H11Protocol, _Drain] = weakref.WeakKeyDictionary()
+
+
+def _drain_h11_bodies_answered_early() -> None:
+    """Over HTTP/1.1, read and discard the rest of a request body the app answered early.
+
+    connectrpc answers `resource_exhausted` as soon as a message passes its limit, and
+    Starlette routes may answer before reading at all. Hypercorn then closed the socket
+    with the body's rest unread, so the kernel reset the connection: the client saw EPIPE
+    (or ECONNRESET) instead of the answer, and a keep-alive pool (connect-node's) failed
+    its next calls on the dead socket. Now the server reads up to `h1_drain_max_bytes`
+    of the rest and keeps the connection; when the body is longer than that, or of
+    unknown length, the answer says `Connection: close` and the server still reads (up to
+    the same bound) before closing, so the client gets the whole answer either way.
+    """
+    create_stream = H11Protocol._create_stream
+    stream_send = H11Protocol.stream_send
+    maybe_recycle = H11Protocol._maybe_recycle
+    handle = H11Protocol.handle
+
+    async def _create_stream(self: H11Protocol, request: h11.Request) -> None:
+        _declared_lengths[self] = _content_length(request)
+        await create_stream(self, request)
+
+    async def _stream_send(self: H11Protocol, event: StreamEvent) -> None:
+        limits = _limits(self.config)
+        if (
+            limits is not None
+            and isinstance(event, Response)
+            and event.status_code >= 200
+            and self.connection.their_state is h11.SEND_BODY
+        ):
+            declared = _declared_lengths.get(self)
+            if declared is None or declared > limits.h1_drain_max_bytes:
+                event = replace(event, headers=[*event.headers, (b"connection", b"close")])
+        await stream_send(self, event)
+
+    async def _maybe_recycle(self: H11Protocol) -> None:
+        limits = _limits(self.config)
+        if (
+            limits is not None
+            and not self.context.terminated.is_set()
+            and self.connection.their_state is h11.SEND_BODY
+            and self.connection.our_state in {h11.DONE, h11.MUST_CLOSE}
+        ):
+            await self._close_stream()
+            _drains[self] = _Drain(limits.h1_drain_max_bytes)
+            await _drain(self)
+            return
+        await maybe_recycle(self)
+
+    async def _drain(self: H11Protocol) -> bool:
+        """Discard what has arrived of the unread body; True once the connection is
+        ready for its next request."""
+        drain = _drains[self]
+        while True:
+            if self.connection.their_state is h11.DONE:
+                del _drains[self]
+                await maybe_recycle(self)  # recycles, or closes after `Connection: close`
+                return self.connection.our_state is h11.IDLE
+            try:
+                event = self.connection.next_event()
+            except h11.RemoteProtocolError:
+                event = None
+            if event is h11.NEED_DATA:
+                return False
+            if isinstance(event, h11.Data):
+                drain.left -= len(event.data)
+                if drain.left >= 0:
+                    continue
+            elif isinstance(event, h11.EndOfMessage):
+                continue
+            # Too much, a broken body, or the client went away: close (the answer is out).
+            del _drains[self]
+            await self.send(Closed())
+            return False
+
+    async def _handle(self: H11Protocol, event: Event) -> None:
+        if isinstance(event, RawData) and self in _drains:
+            self.connection.receive_data(event.data)
+            if await _drain(self):
+                await self._handle_events()  # a request that came right behind the body
+            return
+        await handle(self, event)
+
+    H11Protocol._create_stream = _create_stream  # type: ignore[method-assign]
+    H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
+    H11Protocol._maybe_recycle = _maybe_recycle  # type: ignore[method-assign]
+    H11Protocol.handle = _handle  # type: ignore[method-assign]
+
+
+def _content_length(request: h11.Request) -> int | None:
+    """The request body's declared length; None when chunked (h11 validated the value)."""
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)
+    return None
+
+
+def _unblock_streams_closed_with_unread_body() -> None:
+    """Let a stream close even when its app stopped reading a body that kept arriving.
+
+    Hypercorn queues body chunks for the app in a queue of `max_app_queue_size` and tells
+    it of the end with one more put: when the app has answered without reading and the
+    queue is full, both the connection's reader and the closing wait on that put forever
+    (a dead connection, a task that never ends). The chunks are for an app that is done,
+    so they are dropped.
+    """
+    handle = HTTPStream.handle
+
+    async def _handle(self: HTTPStream, event: StreamEvent) -> None:
+        if isinstance(event, StreamClosed) and not self.closed:
+            queue = getattr(self.app_put, "__self__", None)
+            if isinstance(queue, asyncio.Queue):
+                while not queue.empty():
+                    queue.get_nowait()
+        await handle(self, event)
+
+    HTTPStream.handle = _handle  # type: ignore[method-assign]
 
 
 async def serve_until_signalled(app: ASGIFramework, options: ServerOptions) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight requests,
     run the app's shutdown (which drains queues and closes pools) and return."""
-    ignore_body_frames_after_the_answer()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,7 +439,10 @@ async def serve_with_granian_until_signalled(app: ASGIFramework, options: Server
 
 
 def run(app: ASGIFramework, options: ServerOptions) -> None:
-    """Run the event loop (uvloop when available) serving `app`."""
+    """Run the event loop (uvloop when available) serving `app`; limits not given in
+    `options` are read from the environment."""
+    if options.limits is None:
+        options = replace(options, limits=HttpLimits.from_env(os.environ))
     serve = (
         serve_with_granian_until_signalled if options.server == "granian" else serve_until_signalled
     )
