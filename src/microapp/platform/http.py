@@ -7,7 +7,7 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -29,8 +29,13 @@ from microapp.platform.authn import with_token_check
 from microapp.platform.config import CommonSettings
 from microapp.platform.db import Database
 from microapp.platform.reflection import reflection_apps
-from microapp.platform.rest import http_exception_handler, internal_error_handler
+from microapp.platform.rest import (
+    InternalErrorsAsJson,
+    http_exception_handler,
+    internal_error_handler,
+)
 from microapp.platform.telemetry import telemetry_enabled
+from microapp.platform.validation import GenericInternalErrors, RejectNulText
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +88,11 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
     """Compose one service's ASGI app."""
     if settings.auth_required:
         parts = with_token_check(settings, parts)
+    # First, so every unexpected error leaves as a generic `internal`; last, NUL text is
+    # refused before any handler (and its database) sees it.
+    parts = replace(
+        parts, interceptors=[GenericInternalErrors(), *parts.interceptors, RejectNulText()]
+    )
     access_log = access_log_enabled(os.environ)
     # First of ours, so it sees every call's outcome, even one a token check refuses.
     interceptors = (
@@ -125,6 +135,8 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
                 max_age=7200,
             )
         )
+    # Innermost, so tracing, logging and CORS see a 500 answer rather than an exception.
+    middleware.append(Middleware(InternalErrorsAsJson))
 
     return Starlette(
         routes=[

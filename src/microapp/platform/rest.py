@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
+
+# All a client learns of an unexpected error; the details go to the log only.
+INTERNAL_ERROR_MESSAGE = "internal error"
 
 
 class JsonError(HTTPException):
@@ -22,15 +27,22 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+# Deeper JSON is refused before parsing: Python's json recurses per level, so a body of
+# 100,000 `[` raised RecursionError (a 500) instead of a clear 400.
+MAX_JSON_DEPTH = 32
+# A JSON string (escapes included) or one bracket; found strings are skipped, so brackets
+# inside them do not count.
+_JSON_STRUCTURE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
 async def read_json_object(request: Request, *, limit: int) -> dict[str, Any]:
     """The request body as a JSON object, read at most `limit` bytes far.
 
-    Raises `JsonError` 413 when the body is larger than `limit`, 415 for another
-    content type, and 400 when it is not a JSON object.
+    Raises `JsonError` 415 unless the content type is `application/json` (UTF-8), 413 when
+    the body is larger than `limit`, and 400 when it is not a JSON object, is nested deeper
+    than `MAX_JSON_DEPTH`, or holds NUL in any string.
     """
-    content_type = request.headers.get("content-type", "application/json")
-    if content_type.split(";")[0].strip().lower() not in {"application/json", ""}:
-        raise JsonError(415, "content type must be application/json")
+    require_json_content_type(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise JsonError(413, f"body larger than {limit} bytes")
@@ -39,13 +51,71 @@ async def read_json_object(request: Request, *, limit: int) -> dict[str, Any]:
         body += chunk
         if len(body) > limit:
             raise JsonError(413, f"body larger than {limit} bytes")
+    return parse_json_object(bytes(body))
+
+
+def require_json_content_type(content_type: str | None) -> None:
+    """Raise `JsonError` 415 unless `content_type` is `application/json`, with at most a
+    `charset=utf-8` parameter; a missing content type is refused too."""
+    media_type, *parameters = (content_type or "").split(";")
+    if media_type.strip().lower() != "application/json":
+        raise JsonError(415, "content type must be application/json")
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in {"utf-8", "utf8"}:
+            raise JsonError(415, "content type must be application/json with charset=utf-8")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """`body` as a JSON object; `JsonError` 400 when it is malformed, not an object, nested
+    deeper than `MAX_JSON_DEPTH`, or holds NUL in a key or a string value."""
+    if json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise JsonError(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise JsonError(400, "body is not valid JSON") from None
     if not isinstance(value, dict):
         raise JsonError(400, "body must be a JSON object")
+    for name, member in value.items():
+        # PostgreSQL cannot store NUL in text; refused here, before any route sees it.
+        if "\x00" in name:
+            raise JsonError(400, "member names must not contain NUL characters")
+        if json_holds_nul(member):
+            raise JsonError(400, f"{name} must not contain NUL characters")
     return value
+
+
+def json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """Whether the arrays and objects in `body` nest deeper than `limit`, counted without
+    parsing (and without recursion); stops at the first level past the limit."""
+    depth = 0
+    for match in _JSON_STRUCTURE.finditer(body):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
+def json_holds_nul(value: object) -> bool:
+    """Whether any string in a parsed JSON value, object keys included, contains NUL."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def string_field(body: dict[str, Any], name: str) -> str:
@@ -68,5 +138,38 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
 
 async def internal_error_handler(request: Request, exc: Exception) -> Response:
     """Anything unexpected: logged with its traceback, answered without one."""
-    logger.exception("unhandled error", extra={"path": request.url.path})
-    return json_error(500, "internal error")
+    logger.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+    return json_error(500, INTERNAL_ERROR_MESSAGE)
+
+
+class InternalErrorsAsJson:
+    """ASGI middleware: an exception escaping a route is logged once, at ERROR with its
+    traceback and route, and answered 500 `{"error": "internal error"}`.
+
+    Starlette's own handler for `Exception` answers the same but then re-raises, so
+    Hypercorn logged every such error a second time. Not re-raising changes nothing for
+    the client: once an answer has started, Hypercorn ends the stream either way.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._app(scope, receive, tracking_send)
+        except Exception:
+            logger.exception(
+                "unhandled error", extra={"method": scope.get("method"), "path": scope.get("path")}
+            )
+            if not started:
+                await json_error(500, INTERNAL_ERROR_MESSAGE)(scope, receive, send)

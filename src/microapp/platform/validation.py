@@ -1,0 +1,144 @@
+"""What every Connect call passes through in `build_app`: text holding NUL is refused on the
+way in, and an unexpected error leaves as a generic `internal` on the way out.
+
+PostgreSQL cannot store NUL in text, so a NUL that reached a service became a database error
+(`unknown`, with PostgreSQL's own text) or a failed write-behind batch; refusing it here
+covers every string field of every service at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from microapp.platform.rest import INTERNAL_ERROR_MESSAGE
+
+logger = logging.getLogger(__name__)
+
+REQ = TypeVar("REQ")
+RES = TypeVar("RES")
+
+_STRING = FieldDescriptor.TYPE_STRING
+_MESSAGE = FieldDescriptor.TYPE_MESSAGE
+
+
+def field_holding_nul(message: Message) -> str | None:
+    """The path of the first string field (or map key) in `message` that contains NUL,
+    e.g. `name` or `items[2].labels["k"]`; None when there is none.
+
+    Walks nested, repeated and map fields with an explicit stack, so a deeply nested
+    message cannot exhaust Python's recursion limit.
+    """
+    stack: list[tuple[Message, str]] = [(message, "")]
+    while stack:
+        current, prefix = stack.pop()
+        for field, value in current.ListFields():
+            path = prefix + field.name
+            for item_path, item in _items(field, value, path):
+                if isinstance(item, str):
+                    if "\x00" in item:
+                        return item_path
+                elif isinstance(item, Message):
+                    stack.append((item, item_path + "."))
+    return None
+
+
+def _items(field: FieldDescriptor, value: Any, path: str) -> list[tuple[str, object]]:
+    """The strings and messages one set field holds, each with its path; map keys included."""
+    if field.type not in (_STRING, _MESSAGE):
+        return []
+    if field.type == _MESSAGE and field.message_type.GetOptions().map_entry:
+        items: list[tuple[str, object]] = []
+        for key, item in value.items():
+            item_path = f"{path}[{key!r}]"
+            items.append((f"{path} key {key!r}", key))
+            items.append((item_path, item))
+        return items
+    if field.is_repeated:
+        return [(f"{path}[{index}]", item) for index, item in enumerate(value)]
+    return [(path, value)]
+
+
+def _refuse_nul(message: object) -> None:
+    if isinstance(message, Message) and (path := field_holding_nul(message)) is not None:
+        raise ConnectError(Code.INVALID_ARGUMENT, f"{path} must not contain NUL characters")
+
+
+class RejectNulText:
+    """Connect interceptor: `invalid_argument` naming the field when any string in a request
+    message contains NUL, before the handler runs."""
+
+    async def intercept_unary(
+        self,
+        call_next: Callable[[REQ, RequestContext], Awaitable[RES]],
+        request: REQ,
+        ctx: RequestContext,
+    ) -> RES:
+        _refuse_nul(request)
+        return await call_next(request, ctx)
+
+    async def intercept_client_stream(
+        self,
+        call_next: Callable[[AsyncIterator[REQ], RequestContext], Awaitable[RES]],
+        request: AsyncIterator[REQ],
+        ctx: RequestContext,
+    ) -> RES:
+        return await call_next(_checked(request), ctx)
+
+    async def intercept_server_stream(
+        self,
+        call_next: Callable[[REQ, RequestContext], AsyncIterator[RES]],
+        request: REQ,
+        ctx: RequestContext,
+    ) -> AsyncIterator[RES]:
+        _refuse_nul(request)
+        async for response in call_next(request, ctx):
+            yield response
+
+    async def intercept_bidi_stream(
+        self,
+        call_next: Callable[[AsyncIterator[REQ], RequestContext], AsyncIterator[RES]],
+        request: AsyncIterator[REQ],
+        ctx: RequestContext,
+    ) -> AsyncIterator[RES]:
+        async for response in call_next(_checked(request), ctx):
+            yield response
+
+
+async def _checked(messages: AsyncIterator[REQ]) -> AsyncIterator[REQ]:
+    async for message in messages:
+        _refuse_nul(message)
+        yield message
+
+
+class GenericInternalErrors:
+    """Connect metadata interceptor: any exception other than a `ConnectError` is logged once
+    with its traceback and answered `internal` with a generic message.
+
+    connectrpc would otherwise answer `unknown` with `str(exc)` — a psycopg error's text,
+    a file path, a secret — and re-raise it for the server to log a second time. Placed
+    first in the interceptor list it is hoisted (run around the whole call) and its
+    `on_end`, run last, replaces the error every other interceptor and the handler saw.
+    """
+
+    async def on_start(self, ctx: RequestContext) -> None:
+        return None
+
+    async def on_end(self, token: None, ctx: RequestContext, error: Exception | None) -> None:
+        if error is None or isinstance(error, ConnectError):
+            return
+        method = ctx.method
+        procedure = f"/{method.service_name}/{method.name}"
+        logger.error(
+            "unhandled error in a Connect handler",
+            exc_info=error,
+            extra={"procedure": procedure},
+        )
+        raise ConnectError(Code.INTERNAL, INTERNAL_ERROR_MESSAGE) from error
