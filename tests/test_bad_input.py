@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from urllib.parse import unquote
 
 import aiohttp
 import pytest
@@ -108,3 +109,32 @@ async def test_rest_errors_are_json(greeter: ServiceProcess) -> None:
     async with aiohttp.ClientSession() as session, session.get(greeter.url + "/nope") as resp:
         assert resp.status == 404
         assert await resp.json() == {"error": "Not Found"}
+
+
+async def test_nul_in_a_connect_get_query_is_invalid_argument(greeter: ServiceProcess) -> None:
+    # Connect GET carries the message in the query string; it is checked like a POST body.
+    query = {"encoding": "json", "message": '{"name": "a\\u0000b"}'}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(greeter.url + GREET, params=query) as resp,
+    ):
+        assert resp.status == 400
+        body = await resp.json(content_type=None)
+    assert body == {"code": "invalid_argument", "message": "name must not contain NUL characters"}
+    await _still_serving(greeter)
+
+
+async def test_nul_in_a_grpc_web_message_is_invalid_argument(greeter: ServiceProcess) -> None:
+    message = GreetRequest(name="a\x00b").SerializeToString()
+    frame = b"\x00" + len(message).to_bytes(4, "big") + message
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            greeter.url + GREET, data=frame, headers={"content-type": "application/grpc-web+proto"}
+        ) as resp,
+    ):
+        body = await resp.read()
+    trailers = dict(line.split(": ", 1) for line in body[5:].decode().split("\r\n") if line)
+    assert trailers["grpc-status"] == "3"  # INVALID_ARGUMENT
+    assert unquote(trailers["grpc-message"]) == "name must not contain NUL characters"
+    await _still_serving(greeter)
