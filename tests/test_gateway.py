@@ -29,6 +29,7 @@ from tests.support.polling import eventually
 from tests.support.ports import free_port
 from tests.support.postgres import TestPostgres, query, table_exists
 from tests.support.services import ServiceProcess
+from tests.test_auth_required import _token_from_auth
 
 # Beside the special names, statuses that complete the gateway's mapping table.
 LANG_RULES = {"invalid": 400, "teapot": 418, "broken": 500, "badgateway": 502, "slowgw": 504}
@@ -243,6 +244,62 @@ async def test_debug_breaker_reports_state_failures_and_tokens(lang: Lang) -> No
     assert report["state"] == "closed"
     assert report["consecutive_failures"] == 2
     assert report["retry_tokens"] in (19, 20)  # one spent; refill may have given it back
+
+
+async def get_breaker(url: str, token: str | None = None) -> tuple[int, dict[str, Any], str]:
+    """`GET url` (a /debug/breaker), with a bearer token if given: status, JSON body and
+    the WWW-Authenticate header."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+        return resp.status, await resp.json(), resp.headers.get("WWW-Authenticate", "")
+
+
+@pytest.fixture(scope="module")
+async def auth(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ServiceProcess]:
+    """A real auth process (development logins, no database) that signs the tokens."""
+    env = {"AUTH_DEV_KEY_DIR": str(tmp_path_factory.mktemp("gw-keys")), "AUTH_DEV_MODE": "1"}
+    async with ServiceProcess("auth", env) as service:
+        yield service
+
+
+async def test_debug_breaker_requires_a_token_when_auth_is_required(
+    lang: Lang, auth: ServiceProcess
+) -> None:
+    env = {
+        "CUSTOM_LANG_BASE_URL": lang.service.url,
+        "AUTH_REQUIRED": "1",
+        "AUTH_JWKS_URL": auth.url + "/.well-known/jwks.json",
+    }
+    token = await _token_from_auth(auth, "operator@example.org")
+    async with ServiceProcess("gateway", env) as gateway:
+        url = gateway.url + "/debug/breaker"
+        status, body, challenge = await get_breaker(url)
+        assert (status, challenge) == (401, "Bearer")
+        assert body == {"error": "missing bearer token"}
+        status, body, _ = await get_breaker(url, "not.a.token")
+        assert status == 401
+        assert set(body) == {"error"}
+        status, body, _ = await get_breaker(url, token)
+        assert status == 200
+        assert body == {"state": "closed", "consecutive_failures": 0, "retry_tokens": 20}
+
+        # The web service's relay (one origin, as behind Traefik) passes the browser's
+        # Authorization header on: the gateway decides, and the relay adds no token itself.
+        relay_env = {"WEB_BREAKER_UPSTREAM_URL": url}
+        async with ServiceProcess("web", relay_env) as web:
+            status, body, challenge = await get_breaker(web.url + "/debug/breaker")
+            assert (status, challenge) == (401, "Bearer")
+            assert body == {"error": "missing bearer token"}
+            status, body, _ = await get_breaker(web.url + "/debug/breaker", token)
+            assert status == 200
+            assert body["state"] == "closed"
+
+
+async def test_debug_breaker_stays_open_without_auth_required(lang: Lang) -> None:
+    async with ServiceProcess("gateway", {"CUSTOM_LANG_BASE_URL": lang.service.url}) as gateway:
+        status, body, _ = await get_breaker(gateway.url + "/debug/breaker")
+    assert status == 200
+    assert body["state"] == "closed"
 
 
 # --- the circuit breaker at work ---------------------------------------------------------

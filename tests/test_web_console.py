@@ -558,6 +558,46 @@ async def test_console_on_one_origin_reaches_the_breaker_through_the_web_service
         await page.close()
 
 
+async def _token_from_auth_service(auth: ServiceProcess) -> tuple[str, str]:
+    """Register a fresh user over auth's REST API and log in: (email, token)."""
+    email = f"breaker-{uuid.uuid4().hex[:10]}@example.com"
+    credentials = {"email": email, "password": PASSWORD}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{auth.url}/auth/register", json=credentials) as response:
+            assert response.status in (200, 201), await response.text()
+        async with session.post(f"{auth.url}/auth/login", json=credentials) as response:
+            assert response.status == 200, await response.text()
+            return email, (await response.json())["token"]
+
+
+@requires_chromium
+async def test_console_sends_its_token_for_the_breaker_of_a_gateway_that_requires_one(
+    context: BrowserContext, stack: Stack
+) -> None:
+    # A gateway with AUTH_REQUIRED=1, reached through the web service's relay on one origin.
+    gateway_env = {
+        "CUSTOM_LANG_BASE_URL": stack.gateway.url,
+        "AUTH_REQUIRED": "1",
+        "AUTH_JWKS_URL": f"{stack.auth.url}/.well-known/jwks.json",
+    }
+    async with ServiceProcess("gateway", gateway_env) as gateway:
+        web_env = {"WEB_BREAKER_UPSTREAM_URL": f"{gateway.url}/debug/breaker"}
+        async with ServiceProcess("web", web_env) as web:
+            page = await open_console(context, web)
+            await expect(page.locator("#breaker")).to_have_attribute("data-state", "unreachable")
+            await expect(page.locator("#breaker-meaning")).to_contain_text("log in")
+
+            email, token = await _token_from_auth_service(stack.auth)
+            session = {"token": token, "email": email}
+            await page.evaluate(
+                "session => localStorage.setItem('microapp.session', JSON.stringify(session))",
+                session,
+            )
+            await page.reload()
+            await expect(page.locator("#breaker-state")).to_have_text("closed")
+            await page.close()
+
+
 # --- the committed build is what `make web` makes ----------------------------------------
 
 NODE_MODULES = ROOT / "web" / "node_modules"

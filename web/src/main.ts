@@ -38,7 +38,7 @@ async function main(): Promise<void> {
   );
   mountAuthPanel(clients, config, session);
   mountGreeterPanel(clients, config);
-  mountGatewayPanel(clients, config);
+  mountGatewayPanel(clients, config, () => session.token);
   document.body.dataset.ready = "true";
 }
 

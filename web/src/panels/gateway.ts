@@ -7,14 +7,18 @@ import type { Clients } from "../transport";
 
 const HISTORY_LENGTH = 8;
 
-export function mountGatewayPanel(clients: Clients, config: ConsoleConfig): void {
+export function mountGatewayPanel(
+  clients: Clients,
+  config: ConsoleConfig,
+  token: () => string | null,
+): void {
   const form = byId<HTMLFormElement>("gateway-form");
   const name = byId<HTMLInputElement>("gateway-name");
   const submit = byId<HTMLButtonElement>("gateway-submit");
   const specials = Array.from(byId("gateway-specials").querySelectorAll<HTMLButtonElement>("button"));
   const result = byId("gateway-result");
   const history = byId<HTMLOListElement>("gateway-history");
-  const breaker = new BreakerView(config.breakerUrl, config.breakerPollMs);
+  const breaker = new BreakerView(config.breakerUrl, config.breakerPollMs, token);
   const controls = [submit, ...specials];
 
   const invoke = (who: string): void => {
@@ -67,7 +71,10 @@ const BREAKER_STATES: Record<string, string> = {
   half_open: "letting a few trial calls through",
 };
 
-/** The gateway's `/debug/breaker`, polled while the page is visible. */
+/**
+ * The gateway's `/debug/breaker`, polled while the page is visible. It carries the logged-in
+ * user's token, since a gateway with AUTH_REQUIRED=1 answers 401 without one.
+ */
 class BreakerView {
   private readonly root = byId("breaker");
   private readonly state = byId("breaker-state");
@@ -81,6 +88,7 @@ class BreakerView {
   constructor(
     private readonly url: string,
     private readonly pollMs: number,
+    private readonly token: () => string | null,
   ) {}
 
   start(): void {
@@ -107,7 +115,12 @@ class BreakerView {
 
   private async fetchState(): Promise<void> {
     try {
-      const response = await fetch(this.url, { cache: "no-store" });
+      const token = this.token();
+      const headers: Record<string, string> = token ? { Authorization: `Bearer ${token}` } : {};
+      const response = await fetch(this.url, { cache: "no-store", headers });
+      if (response.status === 401) {
+        throw new Error(token ? "HTTP 401: the token was refused" : "HTTP 401: log in to see it");
+      }
       if (!response.ok) {
         throw new Error(`HTTP ${response.status}`);
       }

@@ -3,6 +3,10 @@
 Behind Traefik only the Connect paths reach the gateway and everything else reaches the
 web service, so the console's same-origin breaker view would find nothing there; with
 `WEB_BREAKER_UPSTREAM_URL` set, the web service relays the gateway's answer instead.
+
+The browser's `Authorization` header is passed on (and nothing else of its request), so a
+gateway that requires tokens answers the console as it would answer the browser itself:
+401 without a valid token, the status with one. The relay adds no credentials of its own.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ class BreakerRelay:
     async def handle(self, request: Request) -> Response:
         """The gateway's JSON as it answered it, or 502 saying why there is none."""
         assert self._session is not None, "BreakerRelay.start() was not awaited"
+        authorization = request.headers.get("authorization")
+        headers = {"Authorization": authorization} if authorization else {}
         try:
-            async with self._session.get(self._upstream_url) as upstream:
+            async with self._session.get(self._upstream_url, headers=headers) as upstream:
                 body = await upstream.content.read(MAX_BODY_BYTES + 1)
                 status, content_type = upstream.status, upstream.content_type
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -44,9 +50,12 @@ class BreakerRelay:
             return json_error(502, f"gateway breaker status unreachable: {reason}")
         if len(body) > MAX_BODY_BYTES or content_type != "application/json":
             return json_error(502, "gateway breaker status is not a small JSON document")
+        answer_headers = {"Cache-Control": "no-store"}
+        if status == 401:
+            answer_headers["WWW-Authenticate"] = "Bearer"
         return Response(
             body,
             status_code=status,
             media_type="application/json",
-            headers={"Cache-Control": "no-store"},
+            headers=answer_headers,
         )
