@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from microapp import load
 from microapp.platform.config import ConfigError
 from microapp.platform.db import migrate
 from microapp.platform.migrations import load_migrations
@@ -72,7 +73,23 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("--database-url", help="use this PostgreSQL server instead of the embedded one")
     db.add_argument("--no-db", action="store_true", help="run every service without a database")
     up.add_argument("--data-dir", default=".microapp", help="where the embedded database lives")
+    up.add_argument(
+        "--load",
+        type=load.positive(float),
+        metavar="RATE",
+        help="once every service is healthy, also run `microapp load --rate RATE` until Ctrl-C",
+    )
     _add_server_argument(up)
+
+    load.add_arguments(
+        commands.add_parser(
+            "load",
+            help="put steady traffic on a running system (greet, invoke, login)",
+            description=load.__doc__,
+            epilog=load.EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     return parser
 
 
@@ -172,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "migrate":
         return _migrate(args)
+    if args.command == "load":
+        from microapp.load import run_load
+
+        return run_load(args)
     return _up(args)
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -251,6 +252,7 @@ class Up:
         self.data_dir = Path(args.data_dir).resolve()
         self.running: list[Running] = []
         self.database = None
+        self.load: asyncio.subprocess.Process | None = None
 
     def database_urls(self) -> dict[str, str]:
         """Service name → DATABASE_URL, starting the embedded database when needed."""
@@ -321,6 +323,8 @@ class Up:
                 took = time.monotonic() - started
                 self.console.ok(f"{service.spec.name} healthy ({took:.1f} s{migrated})")
         self._print_summary(external_url)
+        if self.args.load:
+            self.load = await _start_load(self.args.load)
         return await self._supervise(stop)
 
     async def _supervise(self, stop: asyncio.Event) -> int:
@@ -339,6 +343,8 @@ class Up:
         return 1
 
     async def _stop_all(self) -> None:
+        if self.load is not None:
+            await _stop_load(self.load)
         codes = await asyncio.gather(*(_stop(s) for s in reversed(self.running)))
         for service, code in zip(reversed(self.running), codes, strict=True):
             if code not in (0, None):
@@ -362,15 +368,45 @@ class Up:
         greeter = f"http://{HOST}:{SERVICES['greeter'].default_port}"
         c.plain("Try it:")
         c.plain(
-            f'  buf curl --http2-prior-knowledge -d \'{{"name": "Ada"}}\' '
+            f'  {_tool("buf")} curl --http2-prior-knowledge -d \'{{"name": "Ada"}}\' '
             f"{greeter}/greeter.v1.GreeterService/Greet"
         )
         c.plain(
             f"  curl -H 'Content-Type: application/json' -d '{{\"name\": \"Ada\"}}' "
             f"{greeter}/greeter.v1.GreeterService/Greet"
         )
+        c.plain(
+            f"  {_tool('microapp')} load --rate 20    # steady traffic; Ctrl-C prints a summary"
+        )
         c.plain()
         c.plain("Press Ctrl-C to stop everything.")
+
+
+def _tool(name: str) -> str:
+    """How to run a tool installed beside this Python (buf and microapp live in the venv's
+    bin/, often not on PATH), as a shell word that works when pasted."""
+    path = Path(sys.executable).parent / name
+    return shlex.quote(str(path)) if path.exists() else name
+
+
+async def _start_load(rate: float) -> asyncio.subprocess.Process:
+    """`microapp load --rate RATE` until stopped, writing to this terminal."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "microapp", "load", "--rate", f"{rate:g}", "--duration", "0"
+    )
+
+
+async def _stop_load(load: asyncio.subprocess.Process) -> None:
+    """SIGINT, as Ctrl-C would: the load run prints its summary and exits."""
+    if load.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            load.send_signal(signal.SIGINT)
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await load.wait()
+        except TimeoutError:
+            load.kill()
+            await load.wait()
 
 
 def run_up(args: argparse.Namespace) -> int:
