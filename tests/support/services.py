@@ -16,6 +16,9 @@ from tests.support.ports import free_port
 
 # Never leak the developer's own service settings into a test's service.
 _SERVICE_VARIABLES = {"DATABASE_URL", "PORT", "HOST", "OTEL_EXPORTER_OTLP_ENDPOINT"}
+# Test targets live on loopback, which caller refuses by default; a test of that refusal
+# passes CALLER_ALLOW_PRIVATE_NETWORKS=0 in its own env.
+_TEST_DEFAULTS = {"caller": {"CALLER_ALLOW_PRIVATE_NETWORKS": "1"}}
 
 
 class ServiceProcess:
@@ -30,7 +33,7 @@ class ServiceProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         inherited = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
-        self._env = {**inherited, **(env or {})}
+        self._env = {**inherited, **_TEST_DEFAULTS.get(name, {}), **(env or {})}
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the process
             prefix=f"microapp-{name}-", suffix=".log", delete=False
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -11,7 +10,14 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
 from microapp.gen.caller.v1.caller_pb2 import CallExternalRequest, CallExternalResponse
-from microapp.services.caller.fetch import FetchFailed, FetchResult, FetchTimeout
+from microapp.services.caller.fetch import (
+    BodyTooLarge,
+    FetchFailed,
+    FetchResult,
+    FetchTimeout,
+    RedirectRefused,
+)
+from microapp.services.caller.guard import TargetRefused
 
 INSERT_CALL_LOG = "INSERT INTO call_logs (url, status_code, body_length) VALUES (%s, %s, %s)"
 
@@ -24,8 +30,14 @@ class CallLog(Protocol):
     def offer(self, row: tuple[str, int, int]) -> bool: ...
 
 
-def validate_url(url: str, allowed_hosts: Collection[str]) -> None:
-    """Refuse anything but an absolute http(s) URL, and hosts outside the allowlist."""
+def validate_url(url: str) -> None:
+    """Refuse control characters, then anything but an absolute http(s) URL.
+
+    The target rules (allowlist, addresses) are the fetcher's: they apply to every hop.
+    """
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in url):
+        # Checked first: such a URL must reach neither the network nor the database.
+        raise ConnectError(Code.INVALID_ARGUMENT, f"url contains control characters: {url!r}")
     try:
         parts = urlsplit(url)
         host = parts.hostname
@@ -36,33 +48,30 @@ def validate_url(url: str, allowed_hosts: Collection[str]) -> None:
         raise ConnectError(
             Code.INVALID_ARGUMENT, f"url must be an absolute http(s) URL, got {url!r}"
         )
-    if allowed_hosts and host.lower() not in allowed_hosts:
-        raise ConnectError(Code.PERMISSION_DENIED, f"host {host!r} is not in CALLER_ALLOWED_HOSTS")
 
 
 class CallerHandler:
     """Implements the generated `CallerService` protocol."""
 
-    def __init__(
-        self,
-        fetcher: Fetcher,
-        call_log: CallLog | None,
-        *,
-        allowed_hosts: Collection[str] = (),
-    ) -> None:
+    def __init__(self, fetcher: Fetcher, call_log: CallLog | None) -> None:
         self._fetcher = fetcher
         self._call_log = call_log
-        self._allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
 
     async def call_external(
         self,
         request: CallExternalRequest,
         ctx: RequestContext[CallExternalRequest, CallExternalResponse],
     ) -> CallExternalResponse:
-        url = request.url.strip()
-        validate_url(url, self._allowed_hosts)
+        url = request.url.strip(" ")
+        validate_url(url)
         try:
             result = await self._fetcher.fetch(url)
+        except TargetRefused as exc:
+            raise ConnectError(Code.PERMISSION_DENIED, str(exc)) from exc
+        except BodyTooLarge as exc:
+            raise ConnectError(Code.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except RedirectRefused as exc:
+            raise ConnectError(Code.FAILED_PRECONDITION, str(exc)) from exc
         except FetchTimeout as exc:
             raise ConnectError(Code.DEADLINE_EXCEEDED, str(exc)) from exc
         except FetchFailed as exc:
