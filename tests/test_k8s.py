@@ -9,10 +9,12 @@ routes. What needs a cluster is listed in docs/deployment.md.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,10 +30,19 @@ from tests.support.commands import run
 from tests.support.traefik import TraefikProcess, file_provider_objects
 from tests.test_compose import (
     CONTRACT_ROUTES,
+    DATABASE_ROLES,
+    DATABASE_SERVICES,
+    INIT_SQL,
     ROOT,
+    TOKEN_REQUIRED,
+    assert_debug_paths_need_forward_auth,
+    assert_each_url_opens_only_its_own_database,
+    debug_paths,
     documented_variables,
+    initialised_by_the_script,
     path_prefixes,
     reaches,
+    read_init_script,
     served_paths,
     traefik_dynamic,
     traefik_static,
@@ -99,6 +110,10 @@ def as_file_provider(objects: list[dict[str, Any]]) -> dict[str, Any]:
             assert route["kind"] == "Rule"
             [backend] = route["services"]
             name = backend["name"]
+            # A service may have several routes (web: `/` and `/debug`); routers need names.
+            router_name = name
+            while router_name in http["routers"]:
+                router_name += "-next"
             router = {
                 "entryPoints": ingress["spec"]["entryPoints"],
                 "rule": route["match"],
@@ -107,8 +122,7 @@ def as_file_provider(objects: list[dict[str, Any]]) -> dict[str, Any]:
             }
             if "priority" in route:
                 router["priority"] = route["priority"]
-            assert name not in http["routers"], f"one route per service: {name}"
-            http["routers"][name] = router
+            http["routers"][router_name] = router
             url = f"{backend.get('scheme', 'http')}://{name}:{backend['port']}"
             http["services"][name] = {"loadBalancer": {"servers": [{"url": url}]}}
     return {"http": http}
@@ -229,8 +243,39 @@ def test_every_ingress_route_path_reaches_a_service_that_serves_it(
         spec = SERVICES[name]
         assert port == spec.default_port == services[name]["spec"]["ports"][0]["port"]
         assert scheme == ("h2c" if spec.connect_paths else "http")
-        paths = served_paths(spec, tmp_path)
+        paths = served_paths(spec, tmp_path, pod_env(rendered[overlay], name))
         assert reaches(prefix, paths), f"{prefix} -> {name}, which serves {paths}"
+
+
+def pod_env(objects: list[dict[str, Any]], name: str) -> dict[str, str]:
+    """The literal environment variables of a service's pod (not those from Secrets)."""
+    c = container(of_kind(objects, "Deployment")[name])
+    return {k: v for k, v in env_values(c).items() if isinstance(v, str)}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_ingress_route_exposes_debug_without_forward_auth(
+    overlay: str, rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    deployed = {name: pod_env(rendered[overlay], name) for name in SERVICES}
+    assert_debug_paths_need_forward_auth(
+        as_file_provider(rendered[overlay]), debug_paths(tmp_path, deployed)
+    )
+
+
+@pytest.mark.parametrize(("overlay", "name"), [(o, n) for o in OVERLAYS for n in TOKEN_REQUIRED])
+def test_service_requires_tokens_checked_against_auths_jwks(
+    overlay: str, name: str, rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    env = pod_env(rendered[overlay], name)
+    assert env["AUTH_REQUIRED"] == "1"
+    jwks = urlsplit(env["AUTH_JWKS_URL"])
+    assert (jwks.scheme, jwks.hostname, jwks.port) == (
+        "http",
+        "auth",
+        of_kind(rendered[overlay], "Service")["auth"]["spec"]["ports"][0]["port"],
+    )
+    assert jwks.path in served_paths(SERVICES["auth"], tmp_path)
 
 
 # --- one Deployment and one Service per registry service -----------------------------
@@ -402,7 +447,7 @@ def test_local_overlay_runs_postgres_17_creating_every_registry_database(
     [init] = [v for v in pod["volumes"] if v["name"] == "init"]
     config = of_kind(rendered["local"], "ConfigMap")[init["configMap"]["name"]]
     sql = config["data"]["init-databases.sql"]
-    created = set(re.findall(r"^CREATE DATABASE (\w+);", sql, flags=re.M))
+    created = set(re.findall(r"^CREATE DATABASE (\w+)\b", sql, flags=re.M))
     assert created == {s.database for s in SERVICES.values() if s.database}
 
 
@@ -481,3 +526,369 @@ def test_no_secret_value_is_committed() -> None:
                     relative,
                     password,
                 )
+
+
+# --- one PostgreSQL role per service (local overlay) -----------------------------------
+
+
+def test_local_postgres_mounts_each_role_password_where_the_init_script_reads_it(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    postgres = of_kind(rendered["local"], "StatefulSet")["postgres"]
+    pod = postgres["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "role-passwords"]
+    [mount] = [m for m in container(postgres)["volumeMounts"] if m["name"] == "role-passwords"]
+    # init-databases.sql reads $MICROAPP_DB_SECRETS_DIR, by default /run/secrets.
+    assert mount["mountPath"] == "/run/secrets"
+    assert "MICROAPP_DB_SECRETS_DIR" not in env_values(container(postgres))
+    assert volume["secret"]["secretName"] == "postgres-credentials"
+    files = {item["path"] for item in volume["secret"]["items"]}
+    assert files == set(read_init_script(INIT_SQL.read_text()).password_files.values())
+
+
+KUBECTL_STUB = """#!/bin/sh
+# Stands in for the cluster: nothing exists yet, every create is written down.
+for arg in "$@"; do [ "$arg" = get ] && exit 1; done
+printf '%s\\n' "$@" -- >> "$KUBECTL_LOG"
+"""
+
+
+async def created_secrets(tmp_path: Path) -> dict[str, dict[str, str]]:
+    """The Secrets create-secrets.sh creates, name -> literal values, run against a
+    kubectl that stands in for an empty cluster."""
+    stub = tmp_path / "bin" / "kubectl"
+    stub.parent.mkdir()
+    stub.write_text(KUBECTL_STUB)
+    stub.chmod(0o755)
+    log = tmp_path / "kubectl.log"
+    script = K8S / "overlays" / "local" / "create-secrets.sh"
+    result = await run(
+        "env", f"PATH={stub.parent}:/usr/bin:/bin", f"KUBECTL_LOG={log}", "sh", str(script)
+    )
+    assert result.returncode == 0, result.stderr
+    secrets: dict[str, dict[str, str]] = {}
+    for command in log.read_text().split("\n--\n"):
+        args = command.split("\n")
+        if args[2:5] == ["create", "secret", "generic"]:
+            literals = [a.removeprefix("--from-literal=") for a in args if "--from-literal=" in a]
+            secrets[args[5]] = dict(literal.split("=", 1) for literal in literals)
+    return secrets
+
+
+async def test_local_database_urls_open_only_their_own_database(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    secrets = await created_secrets(tmp_path)
+    # What the StatefulSet mounts: postgres-credentials' keys as the init script's files.
+    postgres = of_kind(rendered["local"], "StatefulSet")["postgres"]
+    [volume] = [v for v in postgres["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+    credentials = secrets[volume["secret"]["secretName"]]
+    files = {item["path"]: credentials[item["key"]] for item in volume["secret"]["items"]}
+    # What each Deployment reads: its key of microapp-database-urls.
+    urls = {}
+    for name in DATABASE_SERVICES:
+        ref = env_values(container(of_kind(rendered["local"], "Deployment")[name]))["DATABASE_URL"]
+        url = secrets[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]]
+        parts = urlsplit(url)
+        assert (parts.hostname, parts.port) == ("postgres.microapp.svc.cluster.local", 5432)
+        urls[name] = url
+    assert len({urlsplit(u).password for u in urls.values()}) == len(urls)
+    async with initialised_by_the_script(tmp_path, files) as socket_dir:
+        await assert_each_url_opens_only_its_own_database(socket_dir, urls)
+
+
+def test_production_docs_give_each_database_url_its_own_role() -> None:
+    doc = (ROOT / "docs" / "deployment.md").read_text()
+    found = dict(re.findall(r"--from-literal=([\w-]+)='postgresql://(\w+):", doc))
+    assert found == DATABASE_ROLES
+
+
+# --- NetworkPolicies -----------------------------------------------------------------
+
+NAMESPACE = "microapp"
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A pod as NetworkPolicies see it: its namespace, labels and listening ports."""
+
+    name: str
+    namespace: str
+    labels: tuple[tuple[str, str], ...]
+    ports: tuple[tuple[str, int], ...]  # (protocol, port)
+
+
+# Pods outside the namespace the policies must reckon with, and one they must keep out.
+TRAEFIK = Pod("traefik", "traefik", (("app.kubernetes.io/name", "traefik"),), (("TCP", 8000),))
+KUBE_DNS = Pod("kube-dns", "kube-system", (("k8s-app", "kube-dns"),), (("UDP", 53), ("TCP", 53)))
+COLLECTOR = Pod("otel-collector", "observability", (("app", "otel-collector"),), (("TCP", 4318),))
+INTRUDER = Pod("intruder", "default", (("app", "intruder"),), (("TCP", 8080),))
+
+
+def pods(objects: list[dict[str, Any]]) -> dict[str, Pod]:
+    """The namespace's pods (Deployments and StatefulSets) and the outside ones above."""
+    found = {}
+    for obj in objects:
+        if obj["kind"] in {"Deployment", "StatefulSet"}:
+            template = obj["spec"]["template"]
+            ports = tuple(
+                (port.get("protocol", "TCP"), port["containerPort"])
+                for c in template["spec"]["containers"]
+                for port in c.get("ports", [])
+            )
+            labels = tuple(sorted(template["metadata"]["labels"].items()))
+            found[obj["metadata"]["name"]] = Pod(obj["metadata"]["name"], NAMESPACE, labels, ports)
+    return found | {p.name: p for p in (TRAEFIK, KUBE_DNS, COLLECTOR, INTRUDER)}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector applied to labels ({} selects everything)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values")
+        holds = {
+            "In": key in labels and labels[key] in (values or []),
+            "NotIn": key not in labels or labels[key] not in (values or []),
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not holds:
+            return False
+    return True
+
+
+def peer_is(peer: dict[str, Any], pod: Pod) -> bool:
+    """Whether a rule's peer (to/from entry) names this pod; ipBlocks are checked as data."""
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer:
+        namespace_ok = selects(
+            peer["namespaceSelector"], {"kubernetes.io/metadata.name": pod.namespace}
+        )
+    else:
+        namespace_ok = pod.namespace == NAMESPACE
+    return namespace_ok and selects(peer.get("podSelector", {}), dict(pod.labels))
+
+
+def rule_admits(rule: dict[str, Any], side: str, other: Pod, protocol: str, port: int) -> bool:
+    peers = rule.get(side) or []
+    ports = rule.get("ports") or []
+    # An empty peer or port list means "all", which these manifests never mean to say.
+    assert peers and ports, f"a rule without {side} or ports allows everything: {rule}"
+    return any(peer_is(peer, other) for peer in peers) and any(
+        (p.get("protocol", "TCP"), p["port"]) == (protocol, port) for p in ports
+    )
+
+
+def direction_allows(
+    policies: list[dict[str, Any]], pod: Pod, kind: str, other: Pod, protocol: str, port: int
+) -> bool:
+    """Ingress into (or egress out of) `pod` to `other`, as the namespace's policies say."""
+    if pod.namespace != NAMESPACE:
+        return True  # not ours to restrict
+    side, key = ("from", "ingress") if kind == "Ingress" else ("to", "egress")
+    relevant = [
+        p["spec"]
+        for p in policies
+        if kind in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], dict(pod.labels))
+    ]
+    if not relevant:
+        return True  # a pod no policy isolates is open: default-deny must cover every pod
+    return any(
+        rule_admits(rule, side, other, protocol, port)
+        for spec in relevant
+        for rule in spec.get(key, [])
+    )
+
+
+def allowed_connections(objects: list[dict[str, Any]]) -> set[tuple[str, str, str, int]]:
+    """Every (from, to, protocol, port) between pods that the NetworkPolicies let through."""
+    policies = list(of_kind(objects, "NetworkPolicy").values())
+    everyone = pods(objects).values()
+    return {
+        (src.name, dst.name, protocol, port)
+        for src in everyone
+        for dst in everyone
+        if src != dst and NAMESPACE in (src.namespace, dst.namespace)
+        for protocol, port in dst.ports
+        if direction_allows(policies, src, "Egress", dst, protocol, port)
+        and direction_allows(policies, dst, "Ingress", src, protocol, port)
+    }
+
+
+_SERVICE_URL = re.compile(r"//([a-z][a-z0-9-]*)(?:\.microapp\.svc\.cluster\.local)?:(\d+)")
+
+
+def call_graph(objects: list[dict[str, Any]]) -> set[tuple[str, str, str, int]]:
+    """The connections the manifests make necessary, derived from them and the registry:
+    the other services each pod's environment names by URL, Traefik to every routed
+    service and to forwardAuth's target, each service to its database (local: the
+    in-cluster PostgreSQL), every pod to DNS, and the pods with telemetry to the collector."""
+    deployments = of_kind(objects, "Deployment")
+    edges = set()
+    for name, deployment in deployments.items():
+        c = container(deployment)
+        for value in env_values(c).values():
+            for host, port in _SERVICE_URL.findall(value if isinstance(value, str) else ""):
+                if host in SERVICES:
+                    assert int(port) == SERVICES[host].default_port, value
+                    edges.add((name, host, "TCP", int(port)))
+        if any(s.get("configMapRef", {}).get("name") == "microapp-telemetry" for s in c["envFrom"]):
+            edges.add((name, COLLECTOR.name, "TCP", 4318))
+    for router in as_file_provider(objects)["http"]["routers"].values():
+        backend = as_file_provider(objects)["http"]["services"][router["service"]]
+        [server] = backend["loadBalancer"]["servers"]
+        edges.add((TRAEFIK.name, router["service"], "TCP", urlsplit(server["url"]).port))
+    forward = urlsplit(of_kind(objects, "Middleware")["auth"]["spec"]["forwardAuth"]["address"])
+    edges.add((TRAEFIK.name, str(forward.hostname).split(".")[0], "TCP", forward.port))
+    if "postgres" in of_kind(objects, "StatefulSet"):
+        edges |= {(name, "postgres", "TCP", 5432) for name in DATABASE_SERVICES}
+    for name in [*deployments, *of_kind(objects, "StatefulSet")]:
+        edges |= {(name, KUBE_DNS.name, protocol, 53) for protocol in ("UDP", "TCP")}
+    return edges
+
+
+def call_graph_in_docs() -> set[tuple[str, str]]:
+    """The service-to-service arrows of docs/architecture.md's diagram (solid and dotted)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    names = {"lang": "custom-lang"}
+    arrows = re.findall(r"^\s+(\w+) -\.?->\|[^|]*\| (\w+)\s*$", text, flags=re.M)
+    return {
+        (names.get(a, a), names.get(b, b))
+        for a, b in arrows
+        if names.get(a, a) in SERVICES and names.get(b, b) in SERVICES
+    }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_namespace_denies_all_ingress_and_egress_by_default(
+    overlay: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    deny = of_kind(rendered[overlay], "NetworkPolicy")["default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_allow_exactly_the_call_graph(
+    overlay: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    assert allowed_connections(rendered[overlay]) == call_graph(rendered[overlay])
+
+
+def test_call_graph_from_the_manifests_is_the_one_in_the_architecture_doc(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    between_services = {
+        (src, dst)
+        for src, dst, _, _ in call_graph(rendered["local"])
+        if {src, dst} <= set(SERVICES)
+    }
+    # auth is called for its JWKS by the services that check tokens themselves.
+    documented = call_graph_in_docs() | {(name, "auth") for name in TOKEN_REQUIRED}
+    assert between_services == documented
+
+
+def with_newcomer(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects plus a Deployment no policy names (say, one added later)."""
+    newcomer = copy.deepcopy(of_kind(objects, "Deployment")["web"])
+    newcomer["metadata"]["name"] = "newcomer"
+    newcomer["spec"]["template"]["metadata"]["labels"] = {"app.kubernetes.io/name": "newcomer"}
+    return [*objects, newcomer]
+
+
+def test_default_deny_closes_a_pod_no_other_policy_names(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    def reaches_intruder(objects: list[dict[str, Any]]) -> set[tuple[str, str]]:
+        return {
+            (src, dst)
+            for src, dst, _, _ in allowed_connections(with_newcomer(objects))
+            if INTRUDER.name in (src, dst)
+        }
+
+    assert reaches_intruder(rendered["local"]) == set()
+    # The check can fail: without default-deny anyone may call the newcomer (its egress
+    # stays closed, as allow-dns selects every pod for egress).
+    objects = [o for o in rendered["local"] if o["metadata"]["name"] != "default-deny"]
+    assert reaches_intruder(objects) == {("intruder", "newcomer")}
+
+
+def ip_block_rules(objects: list[dict[str, Any]]) -> list[tuple[set[str], dict[str, Any]]]:
+    """Each egress rule that reaches addresses rather than pods, with the pods it is for."""
+    workloads = {n: p for n, p in pods(objects).items() if p.namespace == NAMESPACE}
+    found = []
+    for policy in of_kind(objects, "NetworkPolicy").values():
+        spec = policy["spec"]
+        for rule in spec.get("ingress", []):
+            assert not any("ipBlock" in peer for peer in rule["from"]), policy
+        for rule in spec.get("egress", []):
+            if any("ipBlock" in peer for peer in rule["to"]):
+                assert all("ipBlock" in peer for peer in rule["to"]), policy
+                selected = {
+                    n for n, p in workloads.items() if selects(spec["podSelector"], dict(p.labels))
+                }
+                found.append((selected, rule))
+    return found
+
+
+# Never reachable from caller: the cluster's and the host's own networks, link-local ones
+# (cloud metadata at 169.254.169.254 and fd00:ec2::254) and the IPv4-mapped forms.
+PRIVATE_RANGES = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "fc00::/7",
+    "fe80::/10",
+]
+
+
+def admits_address(rule: dict[str, Any], address: str) -> bool:
+    """Whether an ipBlock egress rule's peers include an address (data only: no traffic)."""
+    ip = ipaddress.ip_address(address)
+    for peer in rule["to"]:
+        block = peer["ipBlock"]
+        network = ipaddress.ip_network(block["cidr"])
+        if ip.version == network.version and ip in network:
+            excluded = (ipaddress.ip_network(e) for e in block.get("except", []))
+            if not any(ip.version == e.version and ip in e for e in excluded):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_caller_reaches_the_internet_on_http_and_https_but_no_private_range(
+    overlay: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    rules = [rule for selected, rule in ip_block_rules(rendered[overlay]) if selected == {"caller"}]
+    [rule] = rules
+    assert {(p["protocol"], p["port"]) for p in rule["ports"]} == {("TCP", 80), ("TCP", 443)}
+    assert {peer["ipBlock"]["cidr"] for peer in rule["to"]} == {"0.0.0.0/0", "::/0"}
+    excepted = {e for peer in rule["to"] for e in peer["ipBlock"].get("except", [])}
+    assert set(PRIVATE_RANGES) <= excepted
+    for cidr in PRIVATE_RANGES:
+        network = ipaddress.ip_network(cidr)
+        for address in (network[0], network[-1], network[network.num_addresses // 2]):
+            assert not admits_address(rule, str(address)), address
+    for address in ("169.254.169.254", "fd00:ec2::254", "::ffff:10.0.0.1", "::1"):
+        assert not admits_address(rule, address), address
+    # Public addresses (documentation ranges, as data) stay reachable.
+    for address in ("198.51.100.7", "203.0.113.9", "2001:db8::1"):
+        assert admits_address(rule, address), address
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_caller_and_the_external_database_are_reached_by_address(
+    overlay: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    others = [(sel, rule) for sel, rule in ip_block_rules(rendered[overlay]) if sel != {"caller"}]
+    if overlay == "local":
+        assert others == []  # its database is a pod, reached by label
+        return
+    # Production's PostgreSQL is outside the cluster: port 5432, for the services with one.
+    [(selected, rule)] = others
+    assert selected == set(DATABASE_SERVICES)
+    assert [(p["protocol"], p["port"]) for p in rule["ports"]] == [("TCP", 5432)]
