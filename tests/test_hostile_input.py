@@ -30,7 +30,7 @@ from microapp.gen.gateway.v1.gateway_pb2 import InvokeCustomRequest
 from microapp.gen.greeter.v1.greeter_connect import GreeterServiceClient
 from microapp.gen.greeter.v1.greeter_pb2 import GreetRequest
 from microapp.platform.db import Database
-from microapp.platform.rest import MAX_JSON_DEPTH, json_depth_exceeds
+from microapp.platform.rest import MAX_JSON_DEPTH, json_nesting
 from microapp.platform.validation import field_holding_nul
 from microapp.services.customlang.app import CustomLangSettings, create_app
 from tests.support.external import ExternalServer
@@ -199,6 +199,8 @@ async def test_json_nested_32_levels_reaches_the_usual_validation(fleet: Fleet) 
         (b'{"name": ', "body is not valid JSON"),
         (b"\xff\xfe\x00garbage", "body is not valid JSON"),
         (b'["name"]', "body must be a JSON object"),
+        # Only UTF-8: a UTF-16 body could hide an escaped NUL from a byte-level look.
+        ('{"name": "x"}'.encode("utf-16"), "body is not valid JSON"),
     ],
 )
 async def test_malformed_json_is_400(fleet: Fleet, body: bytes, error: str) -> None:
@@ -212,13 +214,13 @@ async def test_brackets_inside_strings_do_not_count_as_nesting(fleet: Fleet) -> 
     assert (status, answer) == (200, {"message": f"Hello {name} from custom-lang-service!"})
 
 
-def test_depth_is_counted_outside_strings_and_escapes() -> None:
-    assert not json_depth_exceeds(b"[" * 32 + b"]" * 32, 32)
-    assert json_depth_exceeds(b"[" * 33, 32)
-    # An escaped quote does not end the string: its brackets do not count.
-    assert not json_depth_exceeds(b'{"a": "\\"[[[[", "b": [[]]}', 3)
-    # An escaped backslash does not escape the closing quote: the brackets after it count.
-    assert json_depth_exceeds(b'{"a": "\\\\", "b": [[[]]]}', 3)
+def test_nesting_is_measured_without_recursion() -> None:
+    assert json_nesting({}) == 1
+    assert json_nesting({"a": [1, {"b": []}], "c": "[[[["}) == 4
+    deep: list[object] = []
+    for _ in range(10_000):  # far past the recursion limit; built, not parsed
+        deep = [deep]
+    assert json_nesting(deep) == 10_001
 
 
 # --- NUL in text: refused before any database sees it -------------------------------------
