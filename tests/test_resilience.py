@@ -500,7 +500,9 @@ async def test_granian_server_option_serves_connect_and_drains_the_call_log_on_s
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "microapp", "serve", "caller", "--server", "granian",
         "--host", "127.0.0.1", "--port", str(port),
-        env={**os.environ, "DATABASE_URL": db}, stdout=asyncio.subprocess.DEVNULL,
+        # Its external target is on loopback, which caller refuses unless told.
+        env={**os.environ, "DATABASE_URL": db, "CALLER_ALLOW_PRIVATE_NETWORKS": "1"},
+        stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
