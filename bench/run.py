@@ -352,7 +352,11 @@ async def bench_chain(shape: LoadShape, server: str) -> ChainResult:
 
     async with embedded_postgres(["greeter_db", "caller_db"]) as pg, ExternalTarget() as ext:
         caller_port, greeter_port = free_port(), free_port()
-        caller_env = {**SERVICE_ENV, "DATABASE_URL": pg.url("caller_db")}  # type: ignore[attr-defined]
+        caller_env = {
+            **SERVICE_ENV,
+            "DATABASE_URL": pg.url("caller_db"),  # type: ignore[attr-defined]
+            "CALLER_ALLOW_PRIVATE_NETWORKS": "1",  # the external target is on loopback
+        }
         greeter_env = {
             **SERVICE_ENV,
             "DATABASE_URL": pg.url("greeter_db"),  # type: ignore[attr-defined]
