@@ -25,6 +25,7 @@ from microapp.gen.gateway.v1.gateway_pb2 import InvokeCustomRequest
 from microapp.platform.config import ConfigError
 from microapp.services.gateway.app import GatewaySettings
 from tests.support.commands import buf_curl, run
+from tests.support.otlp import OtlpReceiver
 from tests.support.polling import eventually
 from tests.support.ports import free_port
 from tests.support.postgres import TestPostgres, query, table_exists
@@ -415,6 +416,38 @@ async def test_breaker_state_changes_are_logged(lang: Lang) -> None:
     assert len(opened) == 1
     assert opened[0]["level"] == "WARNING"
     assert opened[0]["from_state"] == "closed"
+
+
+async def test_gauges_read_on_the_exporters_thread_do_not_move_the_breaker(lang: Lang) -> None:
+    # The exporter reads the gauges on its own thread every 300 ms. Once the open period is
+    # over they report half-open (what the next call meets) while the breaker itself stays
+    # open: the transition, and its log line, come only with the next call.
+    receiver = OtlpReceiver()
+    await receiver.start()
+    env = breaker_env(
+        lang.service.url,
+        GATEWAY_BREAKER_OPEN_S="1",
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_METRIC_EXPORT_INTERVAL="300",
+    )
+    try:
+        async with ServiceProcess("gateway", env) as service:
+            gateway = Gateway(service)
+            for _ in range(3):
+                await gateway.invoke_error("unavailable")
+
+            def state_gauge() -> float | None:
+                return receiver.metric_values.get("microapp.breaker.state")
+
+            await eventually(lambda: state_gauge() == 2)  # open
+            await eventually(lambda: state_gauge() == 1)  # half-open, as read
+            assert (await gateway.breaker())["state"] == "half_open"
+            assert "circuit breaker custom-lang half_open" not in service.logs()
+
+            await gateway.invoke("Ada")  # the call that meets the breaker moves it
+            assert "circuit breaker custom-lang half_open" in service.logs()
+    finally:
+        await receiver.close()
 
 
 # --- custom-lang down, slow, and a retry storm ------------------------------------------
