@@ -36,6 +36,7 @@ from microapp.services import SERVICES, ServiceSpec
 from microapp.serving import OPTIONAL_SERVERS, SERVER_CHOICES
 from tests.support.commands import BIN, run
 from tests.support.external import ExternalServer
+from tests.support.polling import eventually
 from tests.support.postgres import query
 from tests.support.services import ServiceProcess
 from tests.support.traefik import TraefikProcess, file_provider_objects
@@ -369,9 +370,22 @@ async def initialised_by_the_script(
             "local all postgres trust\nlocal all all scram-sha-256\n"
         )
         query(pg.url(), "SELECT pg_reload_conf()")
+        # The server rereads the file on its own time: wait until a wrong password fails.
+        role = next(iter(DATABASE_ROLES.values()))
+        wrong = f"postgresql://{role}:not-its-password@/{role}_db?host={pg.data_dir}"
+        await eventually(lambda: refused(wrong, "password authentication failed"))
         yield pg.data_dir
     finally:
         pg.close()
+
+
+def refused(url: str, reason: str) -> bool:
+    """Whether connecting to `url` fails for `reason`."""
+    try:
+        query(url, "SELECT 1")
+    except psycopg.OperationalError as exc:
+        return reason in str(exc)
+    return False
 
 
 def on_socket(url: str, socket_dir: Path) -> str:
