@@ -30,8 +30,8 @@ _MESSAGE = FieldDescriptor.TYPE_MESSAGE
 
 
 def field_holding_nul(message: Message) -> str | None:
-    """The path of the first string field (or map key) in `message` that contains NUL,
-    e.g. `name` or `items[2].labels["k"]`; None when there is none.
+    """The path of a string field (or map key) in `message` that contains NUL, e.g. `name`,
+    `items[2].name` or `labels['k']`; None when there is none.
 
     Walks nested, repeated and map fields with an explicit stack, so a deeply nested
     message cannot exhaust Python's recursion limit.
