@@ -211,6 +211,40 @@ async def test_a_stopped_database_is_refused_at_once_not_as_a_query_error(
     assert not await database.healthy()
 
 
+# --- /healthz ----------------------------------------------------------------------------------
+
+
+async def test_a_probe_slower_than_the_health_timeout_fails_alone_and_gates_no_write(
+    postgres: TestPostgres,
+) -> None:
+    url = postgres.fresh_database("slowprobe")
+    # A zero timeout: every probe is "slower than the timeout", deterministically.
+    database = Database(url, load_migrations(CALLER_MIGRATIONS), health_timeout=0.0)
+    await database.start()
+    try:
+        await database.wait_ready()
+        assert not await database.healthy()
+        assert database.ready
+        await database.record(INSERT_CALL_LOG, ("http://127.0.0.1/after-probe", 200, 0))
+    finally:
+        await database.close()
+    assert _urls(url) == ["http://127.0.0.1/after-probe"]
+
+
+async def test_the_probe_reopens_its_connection_when_the_server_closed_it(
+    caller_db: tuple[Database, str],
+) -> None:
+    database, url = caller_db
+    assert await database.healthy()
+    query(
+        url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    assert await database.healthy()
+    assert database.ready
+
+
 # --- a /healthz storm under load ---------------------------------------------------------------
 
 

@@ -237,19 +237,9 @@ class Database:
             return False
 
     async def _probe_once(self) -> bool:
-        conn = self._probe_conn
         try:
             async with asyncio.timeout(_PROBE_GIVE_UP_S):
-                if conn is None or conn.closed or conn.broken:
-                    conn = self._probe_conn = await AsyncConnection.connect(
-                        self._url, autocommit=True, connect_timeout=2
-                    )
-                await conn.execute("SELECT 1")
-        except psycopg.Error as exc:
-            if connection_lost(exc, conn):
-                await self._drop_probe_connection()
-                self._mark_failed(exc)
-            return False
+                return await self._ask_select_1()
         except TimeoutError:
             await self._drop_probe_connection()
             return False
@@ -258,7 +248,29 @@ class Database:
             logger.exception("database probe failed")
             await self._drop_probe_connection()
             return False
-        return True
+
+    async def _ask_select_1(self) -> bool:
+        # A kept connection the server closed while idle says nothing about the server
+        # now: ask once more on a fresh one before calling the database down.
+        retry_fresh = self._probe_conn is not None
+        while True:
+            conn = self._probe_conn
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = self._probe_conn = await AsyncConnection.connect(
+                        self._url, autocommit=True, connect_timeout=2
+                    )
+                await conn.execute("SELECT 1")
+                return True
+            except psycopg.Error as exc:
+                if not connection_lost(exc, conn):
+                    return False
+                await self._drop_probe_connection()
+                if retry_fresh:
+                    retry_fresh = False
+                    continue
+                self._mark_failed(exc)
+                return False
 
     async def _drop_probe_connection(self) -> None:
         conn, self._probe_conn = self._probe_conn, None
