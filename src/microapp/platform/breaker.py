@@ -117,6 +117,19 @@ class ClockedStorage(CircuitBreakerStorage):
     def opened_at(self, opened_at: float | None) -> None:
         self.record = replace(self.record, opened_at=opened_at)
 
+    def set_open(self) -> None:
+        """Open as of now, in one replacement (a reader never sees open without a time)."""
+        self.record = replace(self.record, state=CircuitBreakerState.OPEN, opened_at=self._clock())
+
+    def set_closed(self) -> None:
+        """Closed, no failures, a new window, in one replacement."""
+        self.record = replace(
+            self.record,
+            state=CircuitBreakerState.CLOSED,
+            failures=0,
+            window_ends=self._window_end(),
+        )
+
     def increment_counter(self) -> None:
         # A failure after the window ended is the first of a new window.
         if self.record.window_over(self._clock()):
@@ -266,19 +279,12 @@ class CircuitBreaker(aiobreaker.CircuitBreaker):
 
     def open(self) -> None:
         """Open the circuit now, by the injected clock."""
-        self.storage.record = replace(
-            self.storage.record, state=CircuitBreakerState.OPEN, opened_at=self._clock()
-        )
+        self.storage.set_open()
         self.state = CircuitBreakerState.OPEN
 
     def close(self) -> None:
         """Close the circuit: no failures counted, a new counting window."""
-        self.storage.record = replace(
-            self.storage.record,
-            state=CircuitBreakerState.CLOSED,
-            failures=0,
-            window_ends=self.storage._window_end(),
-        )
+        self.storage.set_closed()
         self.state = CircuitBreakerState.CLOSED
 
     def _open_remaining(self, record: StoredState, now: float) -> float:
