@@ -285,6 +285,24 @@ async def test_url_with_a_control_character_is_invalid_argument_and_never_logged
     assert [url for url in urls if bad in url] == []
 
 
+@pytest.mark.parametrize("url", ["http://a..b/", "http://exa\u00admple.com/"])
+async def test_url_whose_host_cannot_be_encoded_is_invalid_argument(
+    open_caller: OpenCaller, url: str
+) -> None:
+    error = await refused(open_caller.service, url)
+    assert error.code == Code.INVALID_ARGUMENT
+
+
+async def test_redirect_to_a_host_that_cannot_be_looked_up_is_unavailable(
+    open_caller: OpenCaller,
+) -> None:
+    # Python's resolver refuses to encode the name, before any lookup leaves the machine.
+    async with Target() as target:
+        error = await refused(open_caller.service, target.redirect_to("http://a..b/"))
+    assert error.code == Code.UNAVAILABLE
+    assert "cannot be looked up" in error.message
+
+
 # ---------------------------------------------------------------------------- the address rule
 
 

@@ -102,6 +102,9 @@ class ExternalFetcher:
             raise FetchTimeout(f"{url} did not answer within {self._limits.timeout_s} s") from exc
         except aiohttp.ClientError as exc:
             raise FetchFailed(f"{url}: {exc or type(exc).__name__}") from exc
+        except UnicodeError as exc:
+            # A redirect to a host name IDNA cannot encode: the resolver's lookup raises this.
+            raise FetchFailed(f"{url}: a host name cannot be looked up ({exc})") from exc
 
     async def _follow(self, session: aiohttp.ClientSession, url: URL) -> FetchResult:
         """GET `url`, following redirects hop by hop so each hop is checked."""
@@ -132,6 +135,8 @@ class ExternalFetcher:
 
 def _next_hop(url: URL, location: str) -> URL:
     try:
-        return url.join(URL(location))
+        hop = url.join(URL(location))
+        _ = hop.raw_host  # IDNA errors surface here, not later in the guard
+        return hop
     except ValueError:
         raise RedirectRefused(f"{url} redirected to {location!r}, which is not a URL") from None

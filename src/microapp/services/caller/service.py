@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
+from yarl import URL
 
 from microapp.gen.caller.v1.caller_pb2 import CallExternalRequest, CallExternalResponse
 from microapp.services.caller.fetch import (
@@ -42,6 +43,8 @@ def validate_url(url: str) -> None:
         parts = urlsplit(url)
         host = parts.hostname
         _ = parts.port  # raises ValueError for a port out of range
+        # As aiohttp and the resolver will read the host (IDNA: empty labels, soft hyphens).
+        (URL(url).raw_host or "").encode("idna")
     except ValueError:
         raise ConnectError(Code.INVALID_ARGUMENT, f"url is not a valid URL: {url!r}") from None
     if parts.scheme not in {"http", "https"} or not host:
