@@ -3,9 +3,9 @@
 //
 //   node call.mjs --descriptor-set FILE --service pkg.v1.Service --method Name \
 //     --base-url http://127.0.0.1:PORT [--protocol connect|grpc|grpcweb] \
-//     [--http-version 1.1|2] [--binary] < requests.json
+//     [--http-version 1.1|2] [--binary] [--requests FILE]
 //
-// stdin holds a JSON array of request messages in their proto JSON form; they are sent one
+// FILE (or stdin) holds a JSON array of request messages in their proto JSON form; they are sent one
 // after another on one transport (so over HTTP/1.1 they share a keep-alive pool). The
 // schema comes from a FileDescriptorSet (`buf build -o FILE`), so no generated code is needed.
 // Each result is {"ok": true, "response": {...}} or {"ok": false, "code": "snake_case",
@@ -32,6 +32,7 @@ const { values: args } = parseArgs({
     protocol: { type: "string", default: "connect" },
     "http-version": { type: "string", default: "1.1" },
     binary: { type: "boolean", default: false },
+    requests: { type: "string" },
   },
 });
 
@@ -78,7 +79,7 @@ function codeName(code) {
   return Code[code].replace(/([a-z])([A-Z])/g, "$1_$2").toLowerCase();
 }
 
-const requests = JSON.parse(readFileSync(0, "utf8"));
+const requests = JSON.parse(readFileSync(args.requests ?? 0, "utf8"));
 const results = [];
 for (const json of requests) {
   try {

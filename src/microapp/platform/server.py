@@ -115,8 +115,14 @@ def _limits(config: Config) -> HttpLimits | None:
 
 
 class ResetBudget:
-    """A token bucket of client stream resets: `capacity` at once, refilled at `capacity`
-    per `window_s`. The clock is injectable so tests are exact."""
+    """How many streams a client may still reset: `capacity` at once, given back at
+    `capacity` per `window_s` and one per stream the server answered in full.
+
+    The second refill is what keeps legitimate clients safe however long they live: a
+    connection may always cancel as many streams as it let finish. A flood cannot use
+    it to any effect, since each reset it earns costs a whole answered request, and
+    those are bounded by MAX_CONCURRENT_STREAMS. The clock is injectable for exact tests.
+    """
 
     def __init__(
         self, capacity: int, window_s: float, clock: Callable[[], float] = time.monotonic
@@ -127,15 +133,23 @@ class ResetBudget:
         self._clock = clock
         self._last = clock()
 
-    def try_spend(self) -> bool:
+    def try_reset(self) -> bool:
         """Take one reset from the budget; False when none is left."""
-        now = self._clock()
-        self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._refill_per_s)
-        self._last = now
+        self._refill(0.0)
         if self._tokens < 1:
             return False
         self._tokens -= 1
         return True
+
+    def stream_answered(self) -> None:
+        """A stream ended normally: give one reset back."""
+        self._refill(1.0)
+
+    def _refill(self, extra: float) -> None:
+        now = self._clock()
+        earned = (now - self._last) * self._refill_per_s + extra
+        self._tokens = min(self._capacity, self._tokens + earned)
+        self._last = now
 
 
 def install_protocol_guards() -> None:
@@ -209,6 +223,7 @@ def _budget_h2_stream_resets() -> None:
     """
     handle_events = H2Protocol._handle_events
     handle = H2Protocol.handle
+    stream_send = H2Protocol.stream_send
 
     async def _handle_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
         guard = _reset_guard(self)
@@ -219,7 +234,7 @@ def _budget_h2_stream_resets() -> None:
                 guard is not None
                 and isinstance(event, h2.events.StreamReset)
                 and event.remote_reset
-                and not guard.budget.try_spend()
+                and not guard.budget.try_reset()
             ):
                 guard.goaway_sent = True
                 self.connection.close_connection(
@@ -235,6 +250,17 @@ def _budget_h2_stream_resets() -> None:
                 return
             await handle_events(self, [event])
 
+    async def _stream_send(self: H2Protocol, event: StreamEvent) -> None:
+        # A stream the client reset has left `streams` already, and its app may still
+        # finish later: only a stream that is still open was answered to the client.
+        if (
+            isinstance(event, StreamClosed)
+            and event.stream_id in self.streams
+            and (guard := _reset_guard(self)) is not None
+        ):
+            guard.budget.stream_answered()
+        await stream_send(self, event)
+
     async def _handle(self: H2Protocol, event: Event) -> None:
         guard = _reset_guards.get(self)
         if guard is not None and guard.goaway_sent and isinstance(event, RawData):
@@ -244,9 +270,16 @@ def _budget_h2_stream_resets() -> None:
                 await self.send(Closed())
             return
         await handle(self, event)
+        if isinstance(event, Closed):
+            # Hypercorn's sender stops here, and an app still answering (a read timeout,
+            # a client gone) would wait on its stream's buffer forever, keeping the
+            # connection's task group, and so its socket, open.
+            for buffer in list(self.stream_buffers.values()):
+                await buffer.close()
 
     H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
     H2Protocol.handle = _handle  # type: ignore[method-assign]
+    H2Protocol.stream_send = _stream_send  # type: ignore[method-assign]
 
 
 def _reset_guard(protocol: H2Protocol) -> _ResetGuard | None:
