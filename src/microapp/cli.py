@@ -22,6 +22,7 @@ from microapp.serving import (
     SERVICE_VARIABLE,
     missing_server_message,
     prepare_service,
+    server_from_env,
 )
 
 logger = logging.getLogger("microapp.cli")
@@ -97,7 +98,7 @@ def _add_server_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
         choices=SERVER_CHOICES,
-        default=os.environ.get(SERVER_VARIABLE, "").strip() or "hypercorn",
+        default=server_from_env(os.environ),
         help="ASGI server (default: $MICROAPP_SERVER or hypercorn). hypercorn: every protocol, "
         "pure Python; pyvoy: every protocol on Envoy, fastest (extra microapp[pyvoy]); "
         "granian: fast, Connect and gRPC-Web only, no gRPC (extra microapp[granian]). "

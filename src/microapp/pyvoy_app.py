@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 
-from microapp.serving import SERVICE_VARIABLE, prepare_service
+from microapp.serving import prepare_service, service_from_env
 
 
 class _LateReceiveFilter(logging.Filter):
@@ -31,5 +31,5 @@ class _LateReceiveFilter(logging.Filter):
         )
 
 
-app = prepare_service(os.environ[SERVICE_VARIABLE], dict(os.environ)).app
+app = prepare_service(service_from_env(os.environ), dict(os.environ)).app
 logging.getLogger("asyncio").addFilter(_LateReceiveFilter())

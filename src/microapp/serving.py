@@ -31,6 +31,16 @@ def prepare_service(name: str, env: Mapping[str, str]) -> BuiltService:
     return spec.build({**env, "OTEL_SERVICE_NAME": service_name})
 
 
+def server_from_env(env: Mapping[str, str]) -> str:
+    """The server `microapp serve` and `up` use when `--server` is not given."""
+    return env.get("MICROAPP_SERVER", "").strip() or "hypercorn"
+
+
+def service_from_env(env: Mapping[str, str]) -> str:
+    """The service named to the app module Envoy's Python imports (`--server pyvoy`)."""
+    return env["MICROAPP_SERVICE"]
+
+
 def missing_server_message(server: str) -> str | None:
     """Why `server` cannot run here (its extra is not installed), or None when it can."""
     if server in OPTIONAL_SERVERS and importlib.util.find_spec(server) is None:
