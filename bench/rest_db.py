@@ -141,16 +141,23 @@ async def _migrate(database_url: str) -> None:
         raise RuntimeError("microapp migrate custom-lang failed")
 
 
-async def measure(
-    label: str,
-    argv: Sequence[str],
-    env: Mapping[str, str],
-    database_url: str | None,
-    args: argparse.Namespace,
-) -> Row:
+@dataclass(frozen=True)
+class Target:
+    """One server to measure: how to start it, and the database it writes to (if any)."""
+
+    label: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    database_url: str | None
+
+
+async def measure(target: Target, args: argparse.Namespace) -> Row:
+    """Start the target, drive it with wrk, stop it; count the rows this run stored."""
     port = free_port()
-    argv = [a.replace("{port}", str(port)) for a in argv]
-    async with serving(label, argv, port, {**env, "PORT": str(port)}):
+    argv = [a.replace("{port}", str(port)) for a in target.argv]
+    count = target.database_url and (lambda: _count_rows(target.database_url or ""))
+    before = await asyncio.to_thread(count) if count else 0
+    async with serving(target.label, argv, port, {**target.env, "PORT": str(port)}):
         await wait_http(f"http://127.0.0.1:{port}/healthz")
         result = await run_wrk(
             f"http://127.0.0.1:{port}/invoke",
@@ -158,54 +165,67 @@ async def measure(
             connections=args.connections,
             duration_s=args.duration,
         )
-    stored = await asyncio.to_thread(_count_rows, database_url) if database_url else None
-    row = Row(label, result, stored)
+    stored = (await asyncio.to_thread(count)) - before if count else None
     print(
-        f"  {label:52} {result.requests_per_s:9.0f} req/s  p50 {result.p50_ms:6.2f} ms"
+        f"  {target.label:48} {result.requests_per_s:8.0f} req/s  p50 {result.p50_ms:6.2f} ms"
         f"  p99 {result.p99_ms:6.2f} ms  errors {result.errors}  rows {stored}",
         flush=True,
     )
-    return row
+    return Row(target.label, result, stored)
+
+
+def _custom_lang(server: str, database_url: str | None, coalesce: str) -> Target:
+    argv = microapp_serve("custom-lang", 0, server)
+    argv[argv.index("--port") + 1] = "{port}"
+    env = {**SERVICE_ENV, "ACCESS_LOG": "0"}
+    if database_url is None:
+        return Target(f"custom-lang on {server}, no database", argv, env, None)
+    env |= {"DATABASE_URL": database_url, "DB_COALESCE": "1" if coalesce == "on" else "0"}
+    return Target(f"custom-lang on {server}, coalescing {coalesce}", argv, env, database_url)
 
 
 async def main_async(args: argparse.Namespace) -> list[Row]:
     servers = [s for s in args.servers.split(",") if s]
-    rows: list[Row] = []
     databases = ["express_db"] + [f"lang_{s}_{c}" for s in servers for c in ("on", "off")]
+    best: dict[str, Row] = {}
     async with embedded_postgres(databases) as pg:
         url = pg.url  # type: ignore[attr-defined]
-        await _migrate(url("express_db"))
-        node_env = {**_node_env(url("express_db"))}
-        rows.append(
-            await measure(
+        for database in databases:
+            await _migrate(url(database))
+        targets = [
+            Target(
                 "Express 5 + node-postgres",
                 ["node", str(EXPRESS_DIR / "server.js")],
-                node_env,
+                _node_env(url("express_db")),
                 url("express_db"),
-                args,
-            )
-        )
-        for server in servers:
-            for coalesce in ("on", "off"):
-                database = url(f"lang_{server}_{coalesce}")
-                env = {
-                    **SERVICE_ENV,
-                    "ACCESS_LOG": "0",
-                    "DATABASE_URL": database,
-                    "DB_COALESCE": "1" if coalesce == "on" else "0",
-                }
-                label = f"custom-lang on {server}, coalescing {coalesce}"
-                argv = microapp_serve("custom-lang", 0, server)
-                argv[argv.index("--port") + 1] = "{port}"
-                rows.append(await measure(label, argv, env, database, args))
-        argv = microapp_serve("custom-lang", 0, servers[0])
-        argv[argv.index("--port") + 1] = "{port}"
-        label = f"custom-lang on {servers[0]}, no database"
-        rows.append(await measure(label, argv, {**SERVICE_ENV, "ACCESS_LOG": "0"}, None, args))
-    express = rows[0].result.requests_per_s
-    print("\n  relative to Express:")
+            ),
+            *(
+                _custom_lang(server, url(f"lang_{server}_{c}"), c)
+                for server in servers
+                for c in ("on", "off")
+            ),
+            _custom_lang(servers[0], None, "off"),
+        ]
+        for round_ in range(1, args.rounds + 1):
+            print(f"round {round_} of {args.rounds}", flush=True)
+            for target in targets:
+                try:
+                    row = await measure(target, args)
+                except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+                    # One server option that does not start must not cost the others.
+                    print(f"  {target.label:48} failed: {str(exc).splitlines()[0]}", flush=True)
+                    continue
+                kept = best.get(target.label)
+                if kept is None or row.result.requests_per_s > kept.result.requests_per_s:
+                    best[target.label] = row
+    rows = [best[t.label] for t in targets if t.label in best]
+    express = best["Express 5 + node-postgres"].result.requests_per_s
+    print(f"\n  best of {args.rounds}, relative to Express:")
     for row in rows:
-        print(f"  {row.label:52} {row.result.requests_per_s / express:5.2f}")
+        print(
+            f"  {row.label:48} {row.result.requests_per_s:8.0f} req/s"
+            f"  {row.result.requests_per_s / express:5.2f}  p99 {row.result.p99_ms:6.2f} ms"
+        )
     return rows
 
 
@@ -215,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=int, default=10, help="seconds per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per target; the best is kept")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
