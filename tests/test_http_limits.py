@@ -284,6 +284,15 @@ async def test_the_same_cancellations_without_answers_between_them_get_goaway(
     assert goaway.last_stream_id < 4 * 20
 
 
+async def test_a_limit_the_server_cannot_use_stops_it_with_the_variable_named() -> None:
+    service = ServiceProcess("custom-lang", {"HTTP2_MAX_RESETS": "lots"})
+    with pytest.raises(RuntimeError, match="exited early"):
+        await service.start(timeout=30)
+    assert await service.stop() == 2
+    assert "HTTP2_MAX_RESETS must be an integer, got 'lots'" in service.logs()
+    assert "Traceback" not in service.logs()
+
+
 def test_the_reset_budget_is_given_back_by_answered_streams_and_by_time() -> None:
     now = [0.0]
     budget = ResetBudget(capacity=3, window_s=30.0, clock=lambda: now[0])

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -39,8 +40,8 @@ class HttpLimits:
     The reasoning behind each default is in docs/operations.md ("Connection limits").
     """
 
-    # Longest silence from a client while its connection is open (a stalled or trickled
-    # body, or nothing at all); 0 turns it off.
+    # Longest silence from a client while its connection is open (a stalled body, a
+    # half-sent request); 0 turns it off.
     read_timeout_s: float = 30.0
     # HTTP/2 rapid reset (CVE-2023-44487): client stream resets a connection may make at
     # once, refilled at this many per window; past it the client gets GOAWAY.
@@ -475,7 +476,13 @@ def run(app: ASGIFramework, options: ServerOptions) -> None:
     """Run the event loop (uvloop when available) serving `app`; limits not given in
     `options` are read from the environment."""
     if options.limits is None:
-        options = replace(options, limits=HttpLimits.from_env(os.environ))
+        try:
+            limits = HttpLimits.from_env(os.environ)
+        except ConfigError as exc:
+            # Like every other setting: the variable and the value, exit code 2.
+            print(f"microapp serve: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        options = replace(options, limits=limits)
     serve = (
         serve_with_granian_until_signalled if options.server == "granian" else serve_until_signalled
     )
