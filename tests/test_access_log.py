@@ -148,6 +148,8 @@ async def test_health_probes_leave_no_line_and_other_routes_do(logged: Logged) -
 
     (line,) = await eventually(marked)
     assert line["status"] == 404 and line["method"] == "GET" and "procedure" not in line
+    # A REST line carries the ids of the route's HTTP server span.
+    await eventually(lambda: any(s.span_id == line["span_id"] for s in logged.receiver.spans))
     routes = {line.get("route") for line in access_lines(logged.greeter)}
     assert not routes & {"/healthz", "/livez"}
 

@@ -224,8 +224,7 @@ class Run:
         self.calls = calls
         self.err = err
         self.stats = Stats()
-        schedule = [t for t in SCHEDULE if t in args.targets]
-        self.schedule = schedule
+        self.schedule = [t for t in SCHEDULE if t in args.targets]
         self.tty = err.isatty()
         self.started = self._last = 0.0
         self.in_flight: set[asyncio.Task[None]] = set()

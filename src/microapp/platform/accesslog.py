@@ -191,8 +191,9 @@ def _write(scope: Scope, call: _Call, rpc: bool, content_type: str, started: flo
         "http_version": scope["http_version"],
         "status": status,
         "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-        "peer": f"{client[0]}:{client[1]}" if client else None,
     }
+    if client:  # absent for some transports (a Unix socket, an in-process test client)
+        fields["peer"] = f"{client[0]}:{client[1]}"
     if rpc:
         fields["procedure"] = scope["path"]
         fields["protocol"], fields["codec"] = _protocol_and_codec(scope, content_type)
