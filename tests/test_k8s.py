@@ -41,6 +41,7 @@ from tests.test_compose import (
     documented_variables,
     initialised_by_the_script,
     path_prefixes,
+    private_dir,
     reaches,
     read_init_script,
     served_paths,
@@ -576,6 +577,13 @@ async def created_secrets(tmp_path: Path) -> dict[str, dict[str, str]]:
 
 
 async def test_local_database_urls_open_only_their_own_database(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    with private_dir() as tmp_path:
+        await check_local_database_urls(rendered, tmp_path)
+
+
+async def check_local_database_urls(
     rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
     secrets = await created_secrets(tmp_path)
