@@ -259,7 +259,7 @@ async def test_a_client_making_many_requests_and_cancelling_some_never_sees_goaw
     """The issue's legitimate client makes 100,000 requests on one connection. Pipelined
     100 at a time over raw h2 (the Python h2 stack on both ends), that took 182 s on the
     2-core machine (no GOAWAY, with 1,000 of them cancelled, at the default budget of 200),
-    so the test makes a tenth of them (about 13 s) against a service whose reset budget
+    so the test makes a tenth of them (13 to 25 s here) against a service whose reset budget
     (HTTP2_MAX_RESETS) is scaled down in proportion, to 20. One request in 25 is
     cancelled: 400 cancellations, twenty times the budget at once; the streams the client
     lets finish give them back, so it never sees a GOAWAY."""
