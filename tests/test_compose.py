@@ -51,6 +51,8 @@ CONFIGURATION_DOC = ROOT / "docs" / "configuration.md"
 # The contract's routes (shared/spec.md, Deployment): path prefix -> service, middlewares.
 CONTRACT_ROUTES = {
     "/greeter.v1.GreeterService": ("greeter", ["cors", "auth", "rate-limit", "retry"]),
+    # v2 beside v1 (issue 16), with the same middlewares.
+    "/greeter.v2.GreeterService": ("greeter", ["cors", "auth", "rate-limit", "retry"]),
     "/gateway.v1.GatewayService": ("gateway", ["cors", "auth", "rate-limit"]),
     "/auth": ("auth", ["cors", "rate-limit"]),
     "/.well-known": ("auth", ["cors", "rate-limit"]),

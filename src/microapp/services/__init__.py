@@ -74,7 +74,7 @@ SERVICES: dict[str, ServiceSpec] = {
             otel_service_name="greeter-service",
             database="greeter_db",
             migrations_package=greeter.MIGRATIONS_PACKAGE,
-            connect_paths=("/greeter.v1.GreeterService",),
+            connect_paths=("/greeter.v1.GreeterService", "/greeter.v2.GreeterService"),
             build=_builder(greeter.GreeterSettings.from_env, greeter.create_app),
         ),
         ServiceSpec(

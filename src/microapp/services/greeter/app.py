@@ -11,13 +11,19 @@ from starlette.applications import Starlette
 from microapp.gen.caller.v1.caller_connect import CallerServiceClient
 from microapp.gen.greeter.v1 import greeter_pb2
 from microapp.gen.greeter.v1.greeter_connect import GreeterServiceASGIApplication
+from microapp.gen.greeter.v2 import greeter_pb2 as greeter_v2_pb2
+from microapp.gen.greeter.v2.greeter_connect import (
+    GreeterServiceASGIApplication as GreeterV2ServiceASGIApplication,
+)
 from microapp.platform.clients import ServiceTransport
 from microapp.platform.coalesce import CoalesceSettings
 from microapp.platform.config import CommonSettings, env_str
 from microapp.platform.db import Database
 from microapp.platform.http import ConnectService, Lifecycle, ServiceParts, build_app
 from microapp.platform.migrations import load_migrations
-from microapp.services.greeter.service import Caller, GreeterHandler
+from microapp.services.greeter.core import Caller, GreeterCore
+from microapp.services.greeter.service import GreeterHandler
+from microapp.services.greeter.service_v2 import GreeterV2Handler
 
 MIGRATIONS_PACKAGE = "microapp.services.greeter"
 DEFAULT_EXTERNAL_API_URL = "https://example.com/"
@@ -68,12 +74,16 @@ def create_app(
             load_migrations(MIGRATIONS_PACKAGE),
             coalesce=CoalesceSettings.from_env(),
         )
-    handler = GreeterHandler(caller, settings.external_api_url, database)
+    # v1 and v2 share one core: the same caller client, greetings table and error mapping.
+    core = GreeterCore(caller, settings.external_api_url, database)
     return build_app(
         settings.common,
         ServiceParts(
-            connect=[ConnectService(GreeterServiceASGIApplication, handler)],
-            proto_files=[greeter_pb2.DESCRIPTOR],
+            connect=[
+                ConnectService(GreeterServiceASGIApplication, GreeterHandler(core)),
+                ConnectService(GreeterV2ServiceASGIApplication, GreeterV2Handler(core)),
+            ],
+            proto_files=[greeter_pb2.DESCRIPTOR, greeter_v2_pb2.DESCRIPTOR],
             database=database,
             components=components,
         ),
