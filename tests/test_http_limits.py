@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import h2.config
 import h2.connection
 import h2.events
@@ -31,7 +32,8 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, GoAwayFrame
 
 from microapp.platform.server import ResetBudget
-from tests.support.commands import BIN, run
+from tests.support.commands import BIN, buf_curl, run
+from tests.support.external import ExternalServer
 from tests.support.polling import eventually
 from tests.support.services import ServiceProcess
 
@@ -505,3 +507,24 @@ async def test_connect_node_over_http1_gets_resource_exhausted_then_200_good_cal
         {"ok": True, "response": {"message": f"Hello node-{i} from custom-lang-service!"}}
         for i in range(200)
     ]
+
+
+async def test_a_silent_client_waiting_for_a_slow_answer_is_not_cut_off(
+    external: ExternalServer,
+) -> None:
+    """The read timeout bounds a body that stops arriving, not a client waiting for its
+    answer: caller takes 2.5 s (its target's delay) with HTTP_READ_TIMEOUT_S=1."""
+    slow_target = external.url(size=7, delay=2.5)
+    payload = json.dumps({"url": slow_target})
+    async with ServiceProcess("caller", {"HTTP_READ_TIMEOUT_S": "1"}) as caller:
+        url = caller.url + "/caller.v1.CallerService/CallExternal"
+        headers = {"content-type": "application/json"}
+        async with (
+            aiohttp.ClientSession() as session,  # HTTP/1.1
+            session.post(url, data=payload, headers=headers) as resp,
+        ):
+            assert resp.status == 200
+            assert await resp.json() == {"statusCode": 200, "bodyLength": 7}
+        h2 = await buf_curl(url, payload)
+        assert h2.returncode == 0, h2.stderr
+        assert json.loads(h2.stdout) == {"statusCode": 200, "bodyLength": 7}

@@ -17,10 +17,11 @@ import h2.errors
 import h2.events
 import h11
 from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.events import EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.events import Response, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
@@ -168,6 +169,7 @@ def install_protocol_guards() -> None:
     _budget_h2_stream_resets()
     _drain_h11_bodies_answered_early()
     _unblock_streams_closed_with_unread_body()
+    _read_timeout_only_while_a_body_is_owed()
 
 
 _guards_installed = False
@@ -426,6 +428,54 @@ def _unblock_streams_closed_with_unread_body() -> None:
         await handle(self, event)
 
     HTTPStream.handle = _handle  # type: ignore[method-assign]
+
+
+def _read_timeout_only_while_a_body_is_owed() -> None:
+    """Apply `read_timeout` only while a request's body is still arriving.
+
+    Hypercorn times out every read of a connection, so it would also cut off a client
+    that is rightly silent while the server answers: a server-streaming call (GreetStream
+    sends for minutes), a slow handler. Idle connections are already closed by
+    Hypercorn's keep-alive timer, so the read timeout is only needed while the client
+    owes body bytes and the server owes nothing: the slow-body attack it is here for. A
+    stream the server is answering keeps its connection's other streams alive, because a
+    client's open request stream is not always a stalled one (`buf curl` keeps its
+    reflection stream open while it makes the call it looked up).
+    """
+    handle = HTTPStream.handle
+
+    async def _handle(self: HTTPStream, event: StreamEvent) -> None:
+        if isinstance(event, EndBody):
+            self._microapp_body_complete = True  # type: ignore[attr-defined]
+        await handle(self, event)
+
+    HTTPStream.handle = _handle  # type: ignore[method-assign]
+
+    async def _read_data(self: TCPServer) -> None:
+        # Hypercorn 0.18's loop, with the timeout chosen per read.
+        while not self.reader.at_eof():
+            timeout = self.config.read_timeout if _body_owed(self.protocol) else None
+            try:
+                data = await asyncio.wait_for(self.reader.read(MAX_RECV), timeout)
+            except (ConnectionError, OSError, TimeoutError):
+                break
+            await self.protocol.handle(RawData(data))
+        await self.protocol.handle(Closed())
+
+    TCPServer._read_data = _read_data  # type: ignore[method-assign]
+
+
+def _body_owed(wrapper: object) -> bool:
+    """True while this connection's streams all wait for request body bytes."""
+    protocol = getattr(wrapper, "protocol", None)
+    if isinstance(protocol, H2Protocol):
+        streams: list[object] = list(protocol.streams.values())
+    elif isinstance(protocol, H11Protocol):
+        streams = [] if protocol.stream is None else [protocol.stream]
+    else:
+        return True  # not yet known (the first bytes): keep Hypercorn's behaviour
+    owed = [not getattr(s, "_microapp_body_complete", False) for s in streams]
+    return bool(owed) and all(owed)
 
 
 async def serve_until_signalled(app: ASGIFramework, options: ServerOptions) -> None:
