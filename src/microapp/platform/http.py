@@ -28,6 +28,13 @@ from microapp.platform.accesslog import AccessLog, AccessLogInterceptor, access_
 from microapp.platform.authn import with_token_check
 from microapp.platform.config import CommonSettings
 from microapp.platform.db import Database
+from microapp.platform.idempotency import (
+    IdempotencyInterceptor,
+    IdempotencySettings,
+    IdempotentCall,
+    IdempotentRoutes,
+    idempotency_for,
+)
 from microapp.platform.reflection import reflection_apps
 from microapp.platform.rest import (
     InternalErrorsAsJson,
@@ -47,6 +54,7 @@ CORS_ALLOW_HEADERS = [
     "Grpc-Timeout",
     "X-Grpc-Web",
     "X-User-Agent",
+    "Idempotency-Key",
 ]
 CORS_EXPOSE_HEADERS = ["Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin"]
 
@@ -82,6 +90,10 @@ class ServiceParts:
     # Started in order after the database, closed in reverse before it.
     components: Sequence[Lifecycle] = ()
     interceptors: Sequence[Interceptor] = field(default_factory=list)
+    # Connect procedures and REST routes that honour `Idempotency-Key`.
+    idempotent: Sequence[IdempotentCall] = ()
+    # None reads the IDEMPOTENCY_* variables.
+    idempotency_settings: IdempotencySettings | None = None
 
 
 def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
@@ -93,6 +105,18 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
     parts = replace(
         parts, interceptors=[GenericInternalErrors(), *parts.interceptors, RejectNulText()]
     )
+    idempotency = None
+    if parts.idempotent:
+        # Last of the interceptors: calls refused by a token check or validation claim no key.
+        idempotency = idempotency_for(parts.database, parts.idempotency_settings)
+        parts = replace(
+            parts,
+            interceptors=[
+                *parts.interceptors,
+                IdempotencyInterceptor(idempotency, parts.idempotent),
+            ],
+            components=[*parts.components, idempotency],
+        )
     access_log = access_log_enabled(os.environ)
     # First of ours, so it sees every call's outcome, even one a token check refuses.
     interceptors = (
@@ -136,6 +160,15 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
             )
         )
     # Innermost, so tracing, logging and CORS see a 500 answer rather than an exception.
+    if idempotency is not None:
+        middleware.append(
+            Middleware(
+                IdempotentRoutes,
+                idempotency=idempotency,
+                calls=parts.idempotent,
+                max_body_bytes=settings.max_body_bytes,
+            )
+        )
     middleware.append(Middleware(InternalErrorsAsJson))
 
     return Starlette(

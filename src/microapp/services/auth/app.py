@@ -24,6 +24,7 @@ from microapp.platform.config import (
 )
 from microapp.platform.db import Database
 from microapp.platform.http import ConnectService, ServiceParts, build_app
+from microapp.platform.idempotency import IdempotentCall
 from microapp.platform.migrations import load_migrations
 from microapp.services.auth.accounts import Accounts
 from microapp.services.auth.keys import (
@@ -45,6 +46,12 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS_PACKAGE = "microapp.services.auth"
 DEFAULT_DEV_KEY_DIR = ".microapp/auth"
+# Registration creates a user: run once per Idempotency-Key, over Connect and REST. The
+# password stays out of the stored request fingerprint, which is a fast hash.
+IDEMPOTENT_CALLS = [
+    IdempotentCall("/auth.v1.AuthService/Register", unfingerprinted=("password",)),
+    IdempotentCall("POST /auth/register", unfingerprinted=("password",)),
+]
 
 
 @dataclass(frozen=True)
@@ -152,5 +159,6 @@ def create_app(
             routes=auth_routes(accounts, tokens, max_body_bytes=common.max_body_bytes),
             database=database,
             components=[passwords],
+            idempotent=IDEMPOTENT_CALLS,
         ),
     )

@@ -18,6 +18,7 @@ from microapp.platform.coalesce import CoalesceSettings
 from microapp.platform.config import CommonSettings, ConfigError, env_float, env_int, env_str
 from microapp.platform.db import Database
 from microapp.platform.http import ConnectService, Lifecycle, ServiceParts, build_app
+from microapp.platform.idempotency import IdempotentCall
 from microapp.platform.migrations import load_migrations
 from microapp.platform.retry_budget import RetryBudget
 from microapp.platform.telemetry import observe
@@ -31,6 +32,8 @@ from microapp.services.gateway.service import (
 
 MIGRATIONS_PACKAGE = "microapp.services.gateway"
 DEFAULT_CUSTOM_LANG_BASE_URL = "http://127.0.0.1:3000"
+# Each InvokeCustom calls custom-lang and records an invocation: run once per Idempotency-Key.
+IDEMPOTENT_CALLS = [IdempotentCall("/gateway.v1.GatewayService/InvokeCustom")]
 
 
 @dataclass(frozen=True)
@@ -147,5 +150,6 @@ def create_app(
             routes=[Route("/debug/breaker", status.handle, methods=["GET"])],
             database=database,
             components=components,
+            idempotent=IDEMPOTENT_CALLS,
         ),
     )
