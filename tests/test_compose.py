@@ -221,6 +221,15 @@ def test_compose_service_listens_on_its_registry_port(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(SERVICES))
+def test_compose_service_runs_the_server_that_microapp_server_names(name: str) -> None:
+    env = env_of(compose()["services"][name])
+    # `${MICROAPP_SERVER:-hypercorn}`: the host's choice passes through, Hypercorn otherwise.
+    assert interpolate(env["MICROAPP_SERVER"], {}) == "hypercorn"
+    for server in SERVER_CHOICES:
+        assert interpolate(env["MICROAPP_SERVER"], {"MICROAPP_SERVER": server}) == server
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
 def test_compose_service_uses_its_registry_database(name: str) -> None:
     spec = SERVICES[name]
     service = compose()["services"][name]

@@ -26,6 +26,7 @@ import yaml
 from microapp.platform.server import ServerOptions
 from microapp.services import SERVICES
 from microapp.services.caller.app import CallerSettings
+from microapp.serving import SERVER_CHOICES
 from tests.support.commands import run
 from tests.support.traefik import TraefikProcess, file_provider_objects
 from tests.test_compose import (
@@ -292,6 +293,23 @@ def test_service_runs_as_a_deployment_of_the_image_with_its_command(
     assert c["image"] == IMAGE[overlay]
     assert c["command"] == ["microapp", "serve", name]
     assert "args" not in c
+
+
+@pytest.mark.parametrize(("overlay", "name"), PER_SERVICE)
+def test_service_runs_the_server_that_microapp_server_names_hypercorn_by_default(
+    overlay: str, name: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    c = container(of_kind(rendered[overlay], "Deployment")[name])
+    config_maps = of_kind(rendered[overlay], "ConfigMap")
+    from_config = [
+        config_maps[source["configMapRef"]["name"]]["data"]
+        for source in c.get("envFrom", [])
+        if "configMapRef" in source
+    ]
+    servers = [data["MICROAPP_SERVER"] for data in from_config if "MICROAPP_SERVER" in data]
+    assert servers == ["hypercorn"]  # one place to change it, and the default unless changed
+    assert servers[0] in SERVER_CHOICES
+    assert "MICROAPP_SERVER" not in env_values(c)  # no per-service override hiding it
 
 
 @pytest.mark.parametrize(("overlay", "name"), PER_SERVICE)
