@@ -20,12 +20,18 @@ from microapp.platform.coalesce import CoalesceSettings
 from microapp.platform.config import CommonSettings, env_str
 from microapp.platform.db import Database
 from microapp.platform.http import ConnectService, Lifecycle, ServiceParts, build_app
+from microapp.platform.idempotency import IdempotentCall
 from microapp.platform.migrations import load_migrations
 from microapp.services.greeter.core import Caller, GreeterCore
 from microapp.services.greeter.service import GreeterHandler
 from microapp.services.greeter.service_v2 import GreeterV2Handler
 
 MIGRATIONS_PACKAGE = "microapp.services.greeter"
+# Each Greet calls the caller and records a greeting: run once per Idempotency-Key.
+IDEMPOTENT_CALLS = [
+    IdempotentCall("/greeter.v1.GreeterService/Greet"),
+    IdempotentCall("/greeter.v2.GreeterService/Greet"),
+]
 DEFAULT_EXTERNAL_API_URL = "https://example.com/"
 
 
@@ -86,5 +92,6 @@ def create_app(
             proto_files=[greeter_pb2.DESCRIPTOR, greeter_v2_pb2.DESCRIPTOR],
             database=database,
             components=components,
+            idempotent=IDEMPOTENT_CALLS,
         ),
     )
