@@ -73,6 +73,7 @@ CONNECT_WEB_HEADERS = {
     "Grpc-Timeout",
     "X-Grpc-Web",
     "X-User-Agent",
+    "Idempotency-Key",
 }
 CONNECT_JSON = {"Content-Type": "application/json", "Connect-Protocol-Version": "1"}
 
