@@ -32,6 +32,7 @@ from tests.support.browser import (
 )
 from tests.support.commands import BIN
 from tests.support.external import ExternalServer
+from tests.support.polling import eventually
 from tests.support.ports import free_port
 from tests.support.postgres import TestPostgres
 from tests.support.services import ServiceProcess
@@ -337,6 +338,89 @@ async def test_pressing_unavailable_opens_the_breaker_and_the_view_follows_it_cl
     await expect(breaker).to_have_attribute("data-state", "closed")
 
 
+# --- greeter v2 and its stream ------------------------------------------------------------
+
+# What the greeter logs when a stream ends before its count (greeter/service_v2.py).
+STREAM_CANCELLED = re.compile(r"stream cancelled after (\d+) of (\d+) messages")
+STREAM_PROTOCOLS = ["connect-json", "connect-binary", "grpc-web"]
+
+
+@requires_chromium
+async def test_greeter_v2_panel_greets_in_the_chosen_locale(
+    context: BrowserContext, stack: Stack
+) -> None:
+    page = await open_console(context, stack.web)
+    await register_and_log_in(page)
+    await page.fill("#greeter-v2-name", "Ada")
+    await page.select_option("#greeter-v2-locale", "fr")
+    await page.click("#greeter-v2-submit")
+    await expect(page.locator("#greeter-v2-result")).to_have_attribute("data-state", "ok")
+    await expect(page.locator("#greeter-v2-message")).to_have_text(
+        "Bonjour Ada de la part de greeter-service !"
+    )
+    await expect(page.locator("#greeter-v2-external-status")).to_have_text("200")
+    await expect(page.locator("#greeter-v2-body-length")).to_have_text(f"{EXTERNAL_BODY} bytes")
+
+
+async def start_stream(page: Page, name: str, *, count: int, interval_ms: int) -> None:
+    await page.fill("#stream-name", name)
+    await page.select_option("#stream-locale", "de")
+    await page.fill("#stream-count", str(count))
+    await page.fill("#stream-interval", str(interval_ms))
+    await page.click("#stream-start")
+
+
+@requires_chromium
+@pytest.mark.parametrize("protocol", STREAM_PROTOCOLS)
+async def test_stream_panel_shows_every_greeting_in_order(
+    context: BrowserContext, stack: Stack, protocol: str
+) -> None:
+    page = await open_console(context, stack.web, protocol=protocol)
+    await register_and_log_in(page)
+    await start_stream(page, "Stream", count=4, interval_ms=50)
+    await expect(page.locator("#stream-status")).to_have_attribute("data-state", "done")
+    items = page.locator("#stream-messages li")
+    await expect(items).to_have_count(4)
+    assert await items.evaluate_all("items => items.map(i => i.dataset.sequence)") == [
+        "1", "2", "3", "4",
+    ]  # fmt: skip
+    await expect(items.first.locator(".message")).to_have_text("Hallo Stream von greeter-service!")
+
+
+@requires_chromium
+@pytest.mark.parametrize("protocol", STREAM_PROTOCOLS)
+async def test_stream_panel_shows_greetings_as_they_arrive_and_cancel_stops_the_server(
+    context: BrowserContext, stack: Stack, protocol: str
+) -> None:
+    page = await open_console(context, stack.web, protocol=protocol)
+    await register_and_log_in(page)
+    stopped_before = len(STREAM_CANCELLED.findall(stack.greeter.logs()))
+    await start_stream(page, "Patient", count=100, interval_ms=300)
+
+    # Two greetings are on the page while the stream still runs: they arrive one by one.
+    items = page.locator("#stream-messages li")
+    await expect(items.nth(1)).to_be_visible()
+    await expect(page.locator("#stream-status")).to_have_attribute("data-state", "streaming")
+    await expect(page.locator("#stream-cancel")).to_be_enabled()
+
+    await page.click("#stream-cancel")
+    await expect(page.locator("#stream-status")).to_have_attribute("data-state", "cancelled")
+    shown = await items.count()
+    assert 2 <= shown < 100
+
+    # The greeter saw the cancellation and ended its loop far short of 100.
+    async def server_stopped() -> list[tuple[str, str]]:
+        return STREAM_CANCELLED.findall(stack.greeter.logs())[stopped_before:]
+
+    stops = await eventually(server_stopped)
+    sent, count = int(stops[0][0]), int(stops[0][1])
+    assert count == 100 and shown <= sent < 100
+    # Nothing arrives after the cancel: the page still shows what it showed then.
+    await expect(items).to_have_count(shown)
+    await expect(page.locator("#stream-start")).to_be_enabled()
+    await expect(page.locator("#stream-cancel")).to_be_disabled()
+
+
 # --- protocols ---------------------------------------------------------------------------
 
 # What each protocol choice must put on the wire.
@@ -438,7 +522,8 @@ async def test_console_fits_a_phone_screen(browser: Browser, stack: Stack) -> No
             "document.documentElement.scrollWidth - document.documentElement.clientWidth"
         )
         assert overflow <= 0, f"the page scrolls sideways by {overflow} px at phone width"
-        for panel in ("#auth-panel", "#greeter-panel", "#gateway-panel"):
+        panels = ["#auth-panel", "#greeter-panel", "#greeter-v2-panel", "#stream-panel"]
+        for panel in [*panels, "#gateway-panel"]:
             box = await page.locator(panel).bounding_box()
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, panel
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -455,10 +540,14 @@ async def test_a_screenshot_of_each_panel_is_saved(context: BrowserContext, stac
     await expect(page.locator("#greeter-result")).to_have_attribute("data-state", "ok")
     await invoke_special(page, "notfound")
     await expect(page.locator("#breaker-state")).to_have_text("closed")
+    await start_stream(page, "Ada", count=3, interval_ms=0)
+    await expect(page.locator("#stream-status")).to_have_attribute("data-state", "done")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shots = {
         "auth-panel.png": page.locator("#auth-panel"),
         "greeter-panel.png": page.locator("#greeter-panel"),
+        "greeter-v2-panel.png": page.locator("#greeter-v2-panel"),
+        "stream-panel.png": page.locator("#stream-panel"),
         "gateway-panel.png": page.locator("#gateway-panel"),
     }
     for name, panel in shots.items():

@@ -1,9 +1,11 @@
-// The microapp console: three panels talking to the services with Connect-web.
+// The microapp console: its panels talking to the services with Connect-web.
 import { type ConsoleConfig, loadConfig, sameOriginConfig } from "./config";
 import { byId, fact, h } from "./dom";
 import { mountAuthPanel } from "./panels/auth";
 import { mountGatewayPanel } from "./panels/gateway";
 import { mountGreeterPanel } from "./panels/greeter";
+import { mountGreeterStreamPanel } from "./panels/greeterStream";
+import { mountGreeterV2Panel } from "./panels/greeterV2";
 import { browserStorage, SessionStore } from "./session";
 import { Clients, isProtocol, type Protocol } from "./transport";
 
@@ -38,6 +40,8 @@ async function main(): Promise<void> {
   );
   mountAuthPanel(clients, config, session);
   mountGreeterPanel(clients, config);
+  mountGreeterV2Panel(clients, config);
+  mountGreeterStreamPanel(clients, config);
   mountGatewayPanel(clients, config, () => session.token);
   document.body.dataset.ready = "true";
 }

@@ -17,7 +17,7 @@ export function isProtocol(value: unknown): value is Protocol {
 }
 
 // A call that hangs shows as deadline_exceeded instead of a panel that never settles.
-const CALL_TIMEOUT_MS = 15_000;
+export const CALL_TIMEOUT_MS = 15_000;
 
 /** Adds `Authorization: Bearer <token>` whenever someone is logged in. */
 export function bearerInterceptor(token: () => string | null): Interceptor {
