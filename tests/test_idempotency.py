@@ -41,6 +41,7 @@ from microapp.platform.idempotency import (
 )
 from tests.support.external import ExternalServer
 from tests.support.polling import eventually
+from tests.support.ports import free_port
 from tests.support.postgres import TestPostgres, query
 from tests.support.services import ServiceProcess
 
@@ -586,6 +587,43 @@ async def test_without_a_database_the_memory_store_replays(
     assert answers == ["Hello Memory from custom-lang-service!"] * 2
     assert other.code == Code.FAILED_PRECONDITION
     assert gateway.executions("Memory") == 1
+
+
+async def test_a_key_is_unavailable_while_the_database_is_down(
+    lang: tuple[ServiceProcess, str],
+) -> None:
+    # Nothing listens on this port: the database is configured but never comes up.
+    down = f"postgresql://microapp@127.0.0.1:{free_port()}/gateway_db"
+    gateway = Gateway(ServiceProcess("gateway", gateway_env(lang[0], down)), down, lang[1])
+    async with gateway.service:
+        refused = await gateway.invoke_error("Outage", new_key())
+        # Without a key the call runs as it always did.
+        async with GatewayServiceClient(gateway.service.url) as client:
+            served = await client.invoke_custom(InvokeCustomRequest(name="Outage"))
+    assert refused.code == Code.UNAVAILABLE
+    assert "Idempotency-Key" in refused.message
+    assert served.message == "Hello Outage from custom-lang-service!"
+    assert gateway.executions("Outage") == 1
+
+
+async def test_a_browser_may_send_the_key_across_origins(
+    lang: tuple[ServiceProcess, str],
+) -> None:
+    origin = "http://console.example"
+    env = {**gateway_env(lang[0], None), "CORS_ALLOWED_ORIGINS": origin}
+    preflight = {
+        "Origin": origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,connect-protocol-version,idempotency-key",
+    }
+    async with (
+        ServiceProcess("gateway", env) as service,
+        aiohttp.ClientSession() as session,
+        session.options(service.url + INVOKE, headers=preflight) as resp,
+    ):
+        assert resp.status == 200
+        allowed = resp.headers["Access-Control-Allow-Headers"].lower()
+    assert "idempotency-key" in allowed
 
 
 # --- unusable keys -----------------------------------------------------------------------
