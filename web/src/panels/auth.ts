@@ -3,6 +3,7 @@ import { AuthService } from "../gen/auth/v1/auth_pb";
 import type { ConsoleConfig } from "../config";
 import { byId, fact, formatMs, h, showError, showPending, showResult, whileBusy } from "../dom";
 import { attempt } from "../errors";
+import { oncePerClick } from "../idempotency";
 import { type Session, type SessionStore, tokenClaims } from "../session";
 import type { Clients } from "../transport";
 
@@ -82,8 +83,9 @@ export function mountAuthPanel(clients: Clients, config: ConsoleConfig, store: S
   register.addEventListener("click", () => {
     void whileBusy(controls, async () => {
       showPending(result, "Registering…");
+      const once = oncePerClick();
       const answer = await attempt(() =>
-        auth().register({ email: email.value.trim(), password: password.value }),
+        auth().register({ email: email.value.trim(), password: password.value }, once),
       );
       if (!answer.ok) {
         showError(result, answer.error, answer.ms);

@@ -3,6 +3,7 @@ import { GatewayService } from "../gen/gateway/v1/gateway_pb";
 import type { ConsoleConfig } from "../config";
 import { byId, fact, formatMs, h, showError, showPending, showResult, whileBusy } from "../dom";
 import { attempt } from "../errors";
+import { oncePerClick } from "../idempotency";
 import type { Clients } from "../transport";
 
 const HISTORY_LENGTH = 8;
@@ -26,7 +27,8 @@ export function mountGatewayPanel(
       const protocol = clients.protocolLabel;
       showPending(result, `Invoking ${who || "World"}…`);
       const gateway = clients.of(GatewayService, config.gatewayBaseUrl);
-      const answer = await attempt(() => gateway.invokeCustom({ name: who }));
+      const once = oncePerClick();
+      const answer = await attempt(() => gateway.invokeCustom({ name: who }, once));
       if (answer.ok) {
         showResult(
           result,

@@ -3,6 +3,7 @@ import { GreeterService } from "../gen/greeter/v1/greeter_pb";
 import type { ConsoleConfig } from "../config";
 import { byId, fact, formatMs, h, showError, showPending, showResult, whileBusy } from "../dom";
 import { attempt } from "../errors";
+import { oncePerClick } from "../idempotency";
 import type { Clients } from "../transport";
 
 export function mountGreeterPanel(clients: Clients, config: ConsoleConfig): void {
@@ -17,7 +18,8 @@ export function mountGreeterPanel(clients: Clients, config: ConsoleConfig): void
       const protocol = clients.protocolLabel;
       showPending(result, "Greeting…");
       const greeter = clients.of(GreeterService, config.greeterBaseUrl);
-      const answer = await attempt(() => greeter.greet({ name: name.value }));
+      const once = oncePerClick();
+      const answer = await attempt(() => greeter.greet({ name: name.value }, once));
       if (!answer.ok) {
         showError(result, answer.error, answer.ms);
         return;

@@ -3,6 +3,7 @@ import { GreeterService } from "../gen/greeter/v2/greeter_pb";
 import type { ConsoleConfig } from "../config";
 import { byId, fact, formatMs, h, showError, showPending, showResult, whileBusy } from "../dom";
 import { attempt } from "../errors";
+import { oncePerClick } from "../idempotency";
 import type { Clients } from "../transport";
 import { fillLocales } from "./locales";
 
@@ -20,7 +21,10 @@ export function mountGreeterV2Panel(clients: Clients, config: ConsoleConfig): vo
       const protocol = clients.protocolLabel;
       showPending(result, "Greeting…");
       const greeter = clients.of(GreeterService, config.greeterBaseUrl);
-      const answer = await attempt(() => greeter.greet({ name: name.value, locale: locale.value }));
+      const once = oncePerClick();
+      const answer = await attempt(() =>
+        greeter.greet({ name: name.value, locale: locale.value }, once),
+      );
       if (!answer.ok) {
         showError(result, answer.error, answer.ms);
         return;
