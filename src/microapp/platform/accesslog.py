@@ -99,7 +99,12 @@ class AccessLog:
         self.rpc_prefixes = tuple(f"{p.rstrip('/')}/" for p in rpc_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in QUIET_PATHS:
+        # With even warnings off no line can be written: nothing to time or watch.
+        if (
+            scope["type"] != "http"
+            or scope["path"] in QUIET_PATHS
+            or not logger.isEnabledFor(logging.WARNING)
+        ):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()

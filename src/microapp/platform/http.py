@@ -123,13 +123,15 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
         [AccessLogInterceptor(), *parts.interceptors] if access_log else parts.interceptors
     )
     mounts: list[BaseRoute] = []
+    connect_apps: dict[str, ASGIApp] = {}
     for service in parts.connect:
         app = service.app_class(
             service.implementation,
             interceptors=list(interceptors),
             read_max_bytes=settings.max_body_bytes,
         )
-        mounts.append(Mount(app.path, app=_grpc_needs_trailers(app)))
+        connect_apps[app.path] = _grpc_needs_trailers(app)
+        mounts.append(Mount(app.path, app=connect_apps[app.path]))
     for reflection in reflection_apps(parts.proto_files):
         mounts.append(Mount(reflection.path, app=reflection))
 
@@ -144,21 +146,26 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
     middleware = []
     if telemetry_enabled():
         middleware.append(_rest_tracing(mounts))
+    rpc_prefixes = [m.path for m in mounts if isinstance(m, Mount)]
+    # Connect calls skip Starlette (see `_ServiceApp`) but pass the same middleware as the
+    # routes, minus REST tracing (which excludes them) and IdempotentRoutes (REST only).
+    rpc_middleware = []
     if access_log:
         # Inside the REST tracing middleware, so REST lines carry its span's ids.
-        rpc_prefixes = [m.path for m in mounts if isinstance(m, Mount)]
         middleware.append(Middleware(AccessLog, rpc_prefixes=rpc_prefixes))
+        rpc_middleware.append(Middleware(AccessLog, rpc_prefixes=rpc_prefixes))
     if settings.cors_allowed_origins:
-        middleware.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(settings.cors_allowed_origins),
-                allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=CORS_ALLOW_HEADERS,
-                expose_headers=CORS_EXPOSE_HEADERS,
-                max_age=7200,
-            )
+        cors = Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_allowed_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=CORS_ALLOW_HEADERS,
+            expose_headers=CORS_EXPOSE_HEADERS,
+            max_age=7200,
         )
+        middleware.append(cors)
+        rpc_middleware.append(cors)
+    rpc_middleware.append(Middleware(InternalErrorsAsJson))
     # Innermost, so tracing, logging and CORS see a 500 answer rather than an exception.
     if idempotency is not None:
         middleware.append(
@@ -171,7 +178,8 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
         )
     middleware.append(Middleware(InternalErrorsAsJson))
 
-    return Starlette(
+    return _ServiceApp(
+        rpc={path: _wrap(app, rpc_middleware) for path, app in connect_apps.items()},
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/livez", livez, methods=["GET"]),
@@ -185,6 +193,37 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
         },
         lifespan=_lifespan(settings, parts),
     )
+
+
+class _ServiceApp(Starlette):
+    """Starlette, with Connect calls taken before its middleware stack and router.
+
+    A Connect path is `/{service}/{method}`: one dict lookup of its service finds the
+    Connect app (wrapped in the middleware given in `rpc`), where Starlette would pass
+    the call through every middleware layer and match it against each route's pattern
+    in turn. Every other request (REST, health, reflection, an odd path) is Starlette's,
+    as before; a Connect app answers a method it does not have with 404 either way.
+    """
+
+    def __init__(self, *, rpc: dict[str, ASGIApp], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._rpc = rpc
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            app = self._rpc.get(scope["path"].rpartition("/")[0])
+            if app is not None:
+                scope["app"] = self
+                await app(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def _wrap(app: ASGIApp, middleware: Sequence[Middleware]) -> ASGIApp:
+    """`app` inside `middleware`, the first listed outermost (as Starlette orders it)."""
+    for cls, args, kwargs in reversed(middleware):
+        app = cls(app, *args, **kwargs)
+    return app
 
 
 def _grpc_needs_trailers(app: ASGIApp) -> ASGIApp:

@@ -8,6 +8,7 @@ covers every string field of every service at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from microapp.platform.rest import INTERNAL_ERROR_MESSAGE
@@ -66,8 +67,41 @@ def _items(field: FieldDescriptor, value: Any, path: str) -> list[tuple[str, obj
     return [(path, value)]
 
 
+@functools.cache
+def _flat_text_fields(descriptor: Descriptor) -> tuple[str, ...] | None:
+    """The names of a message type's string fields when they are all it can hold text in
+    (no message, map or repeated string fields, no extensions); None otherwise.
+
+    Computed once per message type, so that the common request (a few plain strings) is
+    checked by reading those fields alone instead of walking `ListFields()`.
+    """
+    if descriptor.extension_ranges:
+        return None
+    names = []
+    for field in descriptor.fields:
+        if field.type == _MESSAGE or (field.type == _STRING and field.is_repeated):
+            return None
+        if field.type == _STRING:
+            names.append(field.name)
+    return tuple(names)
+
+
+def _may_hold_nul(message: Message) -> bool:
+    """A cheap test that is False only when no string in `message` holds NUL."""
+    names = _flat_text_fields(message.DESCRIPTOR)
+    if names is None:
+        # Nested text: UTF-8 writes NUL as a 0 byte, so a serialization without one
+        # holds no NUL anywhere; with one (a 0 byte may be a length or a number) walk.
+        return b"\x00" in message.SerializeToString()
+    return any("\x00" in getattr(message, name) for name in names)
+
+
 def _refuse_nul(message: object) -> None:
-    if isinstance(message, Message) and (path := field_holding_nul(message)) is not None:
+    if (
+        isinstance(message, Message)
+        and _may_hold_nul(message)
+        and (path := field_holding_nul(message)) is not None
+    ):
         raise ConnectError(Code.INVALID_ARGUMENT, f"{path} must not contain NUL characters")
 
 
