@@ -1,4 +1,5 @@
-"""The server options of `microapp serve` and `microapp up`: MICROAPP_SERVER, pyvoy's drain.
+"""The server options of `microapp serve` and `microapp up`: MICROAPP_SERVER, pyvoy's drain,
+`--workers`.
 
 The protocol matrix of every option (grpcio, connect-node, buf curl) is in test_clients.py;
 this file covers choosing a server and stopping it.
@@ -20,8 +21,11 @@ from connectrpc.errors import ConnectError
 
 from microapp.gen.caller.v1.caller_connect import CallerServiceClient
 from microapp.gen.caller.v1.caller_pb2 import CallExternalRequest
+from microapp.gen.customlang.v1.customlang_connect import CustomLangServiceClient
+from microapp.gen.customlang.v1.customlang_pb2 import InvokeRequest
 from microapp.serving import SERVER_CHOICES
 from tests.support.external import ExternalServer
+from tests.support.polling import eventually
 from tests.support.postgres import TestPostgres, query
 from tests.support.services import ServiceProcess
 
@@ -134,3 +138,77 @@ async def test_microapp_up_runs_every_service_on_the_chosen_server(tmp_path: Pat
 
 def _is_envoy_of_any(process: psutil.Process, ports: dict[str, int]) -> bool:
     return any(_is_envoy_of(process, port) for port in ports.values())
+
+
+async def _answering_pid(port: int, workers: set[int]) -> tuple[int, asyncio.StreamWriter]:
+    """Open a connection, get one answer on it, and name the worker holding it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await writer.drain()
+    status = await reader.readline()
+    assert status.startswith(b"HTTP/1.1 200"), status
+    local_port = writer.get_extra_info("sockname")[1]
+    for pid in workers:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+        if any(c.raddr and c.raddr.port == local_port for c in connections):
+            return pid, writer
+    raise AssertionError(f"no worker of {workers} holds the connection from {local_port}")
+
+
+async def test_workers_share_one_port_both_answer_and_sigterm_drains_both() -> None:
+    service = ServiceProcess("custom-lang", {"LOG_LEVEL": "INFO"}, args=["--workers", "2"])
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        await service.start()
+        await eventually(lambda: len(set(_listening_pids(service))) == 2, timeout=30)
+        workers = set(_listening_pids(service))
+        assert service.process is not None
+        children = {c.pid for c in psutil.Process(service.process.pid).children()}
+        assert children == workers
+        # Each connection is accepted by one worker: open them until both have answered.
+        answered: set[int] = set()
+        for _ in range(200):
+            pid, writer = await _answering_pid(service.port, workers)
+            answered.add(pid)
+            writers.append(writer)
+            if answered == workers:
+                break
+        assert answered == workers, "only one worker ever answered"
+        async with CustomLangServiceClient(service.url) as client:
+            reply = await client.invoke(InvokeRequest(name="workers"))
+        assert reply.message == "Hello workers from custom-lang-service!"
+        assert await service.stop(signal.SIGTERM, timeout=30) == 0, service.logs()[-3000:]
+    finally:
+        for writer in writers:
+            writer.close()
+        if service.process is not None:
+            await service.stop(signal.SIGKILL)
+    stopped = [r for r in _log_records(service) if r.get("message") == "stopped"]
+    assert len(stopped) == 2, service.logs()[-3000:]  # both drained and ran their shutdown
+    assert not [p for p in workers if _is_running(p)]
+
+
+def _listening_pids(service: ServiceProcess) -> list[int]:
+    records = _log_records(service)
+    return [int(str(r["pid"])) for r in records if r.get("message") == "listening" and "pid" in r]
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("server", ["pyvoy", "granian"])
+async def test_workers_with_a_single_process_server_are_refused_clearly(server: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "microapp", "serve", "custom-lang",
+        "--server", server, "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert f"--workers 2 needs --server hypercorn; {server} serves from one process" in (
+        stderr.decode()
+    )

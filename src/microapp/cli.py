@@ -14,7 +14,7 @@ from microapp import load
 from microapp.platform.config import ConfigError
 from microapp.platform.db import migrate
 from microapp.platform.migrations import load_migrations
-from microapp.platform.server import ServerOptions, run
+from microapp.platform.server import ServerOptions, bind_listener, run, run_workers
 from microapp.services import SERVICES
 from microapp.serving import (
     SERVER_CHOICES,
@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
         "--port", type=int, help="port to listen on (default: $PORT or the service's)"
     )
     _add_server_argument(serve)
+    serve.add_argument(
+        "--workers",
+        type=load.positive(int),
+        default=1,
+        help="processes sharing the port (default 1); Hypercorn only. Each has its own "
+        "pools, queues and breakers: see docs/configuration.md",
+    )
+    # Internal: a worker of `--workers N` serves the socket its parent bound.
+    serve.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
 
     mig = commands.add_parser(
         "migrate",
@@ -119,6 +128,13 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"microapp serve {name}: {problem}", file=sys.stderr)
         return 2
+    if args.workers > 1 and args.server != "hypercorn":
+        print(
+            f"microapp serve {name}: --workers {args.workers} needs --server hypercorn; "
+            f"{args.server} serves from one process (run more replicas instead)",
+            file=sys.stderr,
+        )
+        return 2
     env = dict(os.environ)
     if args.host:
         env["HOST"] = args.host
@@ -132,8 +148,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.server == "pyvoy":
         return _serve_with_pyvoy(name, env, built.settings.host, built.settings.port)
     try:
+        if args.workers > 1:
+            return _serve_with_workers(args, built.settings.host, built.settings.port)
         options = ServerOptions(
-            host=built.settings.host, port=built.settings.port, server=args.server
+            host=built.settings.host,
+            port=built.settings.port,
+            server=args.server,
+            listen_fd=args.listen_fd,
         )
         run(built.app, options)
     except OSError as exc:
@@ -145,6 +166,19 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
         raise
     return 0
+
+
+def _serve_with_workers(args: argparse.Namespace, host: str, port: int) -> int:
+    """Bind the port here, then run `args.workers` Hypercorn processes serving it."""
+    listener = bind_listener(host, port)
+
+    def worker(fd: int) -> list[str]:
+        return [
+            sys.executable, "-m", "microapp", "serve", args.service,
+            "--host", host, "--port", str(port), "--server", "hypercorn", "--listen-fd", str(fd),
+        ]  # fmt: skip
+
+    return run_workers(worker, listener, args.workers)
 
 
 def _serve_with_pyvoy(name: str, env: dict[str, str], host: str, port: int) -> int:

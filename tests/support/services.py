@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -28,8 +28,11 @@ class ServiceProcess:
     Leaving the block sends SIGTERM and waits for the process to exit.
     """
 
-    def __init__(self, name: str, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, env: Mapping[str, str] | None = None, args: Sequence[str] = ()
+    ) -> None:
         self.name = name
+        self._args = list(args)  # more options of `microapp serve`, e.g. --workers 2
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         inherited = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
@@ -50,7 +53,7 @@ class ServiceProcess:
         """Start the process and wait until it answers /livez."""
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "microapp", "serve", self.name,
-            "--host", "127.0.0.1", "--port", str(self.port),
+            "--host", "127.0.0.1", "--port", str(self.port), *self._args,
             env=self._env, stdout=self._log, stderr=self._log,
         )  # fmt: skip
         await self.wait_for("/livez", 200, timeout=timeout)

@@ -7,10 +7,12 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import h2.errors
@@ -86,6 +88,9 @@ class ServerOptions:
     server: str = "hypercorn"
     # None: `run` reads them from the environment (HttpLimits.from_env).
     limits: HttpLimits | None = None
+    # A listening socket inherited from `run_workers` (its file descriptor), served
+    # instead of binding host:port; host and port then only name it in the log.
+    listen_fd: int | None = None
 
 
 class _LimitedConfig(Config):
@@ -101,6 +106,8 @@ def hypercorn_config(options: ServerOptions) -> Config:
     config = _LimitedConfig()
     host = f"[{options.host}]" if ":" in options.host else options.host
     config.bind = [f"{host}:{options.port}"]
+    if options.listen_fd is not None:
+        config.bind = [f"fd://{options.listen_fd}"]
     config.keep_alive_max_requests = options.keep_alive_max_requests
     config.graceful_timeout = options.graceful_timeout
     config.h2_max_concurrent_streams = options.h2_max_concurrent_streams
@@ -485,7 +492,9 @@ async def serve_until_signalled(app: ASGIFramework, options: ServerOptions) -> N
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    logger.info("listening", extra={"address": f"http://{options.host}:{options.port}"})
+    logger.info(
+        "listening", extra={"address": f"http://{options.host}:{options.port}", "pid": os.getpid()}
+    )
     await hypercorn_serve(app, hypercorn_config(options), shutdown_trigger=stop.wait)
     logger.info("stopped")
 
@@ -545,3 +554,79 @@ def run(app: ASGIFramework, options: ServerOptions) -> None:
             uvloop.run(serve(app, options))
             return
     asyncio.run(serve(app, options))
+
+
+# Hypercorn's own listen backlog, kept for the socket `run_workers` binds for its workers.
+_LISTEN_BACKLOG = 100
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port that child processes can inherit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, backlog=_LISTEN_BACKLOG)
+    listener.set_inheritable(True)
+    return listener
+
+
+def run_workers(
+    child_argv: Callable[[int], Sequence[str]], listener: socket.socket, workers: int
+) -> int:
+    """Serve with `workers` child processes sharing `listener`; the worst exit status.
+
+    `child_argv(fd)` is the command of one worker serving the inherited socket `fd`
+    (`microapp serve ... --listen-fd fd`). SIGTERM and SIGINT are passed on to every
+    worker, which drains as a single process does. A worker that exits by itself stops
+    the others, so that the service fails as a whole and its supervisor restarts it,
+    rather than running on at a fraction of its capacity.
+    """
+    fd = listener.fileno()
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def stop_all(sig: int = signal.SIGTERM) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(sig)
+
+    def forward(sig: int, frame: object) -> None:
+        stop_all(sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for _ in range(workers):
+            children.append(subprocess.Popen(list(child_argv(fd)), pass_fds=(fd,)))
+        listener.close()  # the workers hold it now
+        logger.info("workers started", extra={"workers": [c.pid for c in children]})
+        statuses = _wait_for_children(children, lambda: stopping, stop_all)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return max(statuses)
+
+
+def _wait_for_children(
+    children: Sequence[subprocess.Popen[bytes]],
+    stopping: Callable[[], bool],
+    stop_all: Callable[[], None],
+) -> list[int]:
+    """Wait until every child has exited; a child's exit unasked stops the rest."""
+    by_pid = {child.pid: child for child in children}
+    statuses: list[int] = []
+    while by_pid:
+        pid, wait_status = os.wait()  # signal handlers run while this waits
+        child = by_pid.pop(pid, None)
+        if child is None:
+            continue
+        child.returncode = os.waitstatus_to_exitcode(wait_status)
+        # A worker killed by a signal exits as a shell reports it: 128 + the signal.
+        status = child.returncode if child.returncode >= 0 else 128 - child.returncode
+        if not stopping():
+            status = max(status, 1)  # a worker must not end before it is asked to
+            logger.error(
+                "a worker exited; stopping the others", extra={"pid": pid, "status": status}
+            )
+            stop_all()
+        statuses.append(status)
+    return statuses
