@@ -20,6 +20,7 @@ import grpc
 import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
+from playwright.async_api import Request, async_playwright, expect
 
 from microapp.gen.auth.v1.auth_connect import AuthServiceClient
 from microapp.gen.auth.v1.auth_pb2 import RegisterRequest
@@ -38,6 +39,13 @@ from microapp.platform.idempotency import (
     outcome_from_json,
     outcome_to_json,
     parse_key,
+)
+from tests.support.browser import (
+    CHROMIUM_ARGS,
+    NO_CHROMIUM,
+    ServiceGroup,
+    chromium_executable,
+    service_on_port,
 )
 from tests.support.external import ExternalServer
 from tests.support.polling import eventually
@@ -624,6 +632,44 @@ async def test_a_browser_may_send_the_key_across_origins(
         assert resp.status == 200
         allowed = resp.headers["Access-Control-Allow-Headers"].lower()
     assert "idempotency-key" in allowed
+
+
+async def test_the_console_sends_a_fresh_key_with_each_click(
+    postgres: TestPostgres, lang: tuple[ServiceProcess, str]
+) -> None:
+    executable = chromium_executable()
+    if executable is None:
+        pytest.skip(NO_CHROMIUM)
+    web_port = free_port()
+    database = postgres.fresh_database("idem_console")
+    env = {**gateway_env(lang[0], database), "CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{web_port}"}
+    gateway = Gateway(ServiceProcess("gateway", env), database, lang[1])
+    web = service_on_port("web", web_port, {"WEB_GATEWAY_BASE_URL": gateway.service.url})
+    async with ServiceGroup([gateway.service, web]), async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        page = await chromium.new_page()
+        sent: list[str] = []
+
+        def record_key(request: Request) -> None:
+            key = request.headers.get("idempotency-key")
+            if INVOKE in request.url and key is not None:
+                sent.append(key)
+
+        page.on("request", record_key)
+        await page.goto(web.url + "/")
+        await expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        await page.fill("#gateway-name", "Clicked")
+        # Two clicks on the same name: two calls, each with a key of its own.
+        await page.click("#gateway-submit")
+        await eventually(lambda: gateway.invocations("Clicked") == 1)
+        await expect(page.locator("#gateway-submit")).to_be_enabled()
+        await page.click("#gateway-submit")
+        await eventually(lambda: gateway.invocations("Clicked") == 2)
+        await chromium.close()
+    keys = [row[0] for row in query(database, "SELECT key FROM idempotency_keys")]
+    assert len(keys) == 2 and len(set(keys)) == 2
+    assert sorted(sent) == sorted(keys)
+    assert gateway.invocations("Clicked") == 2
 
 
 # --- unusable keys -----------------------------------------------------------------------
