@@ -1,5 +1,5 @@
 """greeter.v2 beside v1: locales, trace ids, and the server-streaming GreetStream over Connect
-(HTTP/1.1 and h2c), gRPC and gRPC-Web, on Hypercorn and on pyvoy.
+(HTTP/1.1 and h2c), gRPC and gRPC-Web, on Hypercorn and on pyvoy; Connect and gRPC-Web on Granian.
 
 Real processes throughout: caller and greeter (`microapp serve`), the external target, PostgreSQL,
 `buf curl` and grpcio as clients. That the server stopped a stream is read from its log line
@@ -8,11 +8,13 @@ Real processes throughout: caller and greeter (`microapp serve`), the external t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -26,7 +28,7 @@ from microapp.gen.greeter.v2.greeter_pb2 import (
     GreetStreamRequest,
     GreetStreamResponse,
 )
-from tests.support.commands import buf_curl
+from tests.support.commands import BIN, Completed, buf_curl, run
 from tests.support.external import ExternalServer
 from tests.support.otlp import OtlpReceiver
 from tests.support.polling import eventually
@@ -38,6 +40,7 @@ EXTERNAL_BODY = 4321
 SERVICE = "/greeter.v2.GreeterService"
 STREAM_PATH = f"{SERVICE}/GreetStream"
 SERVERS = ["hypercorn", "pyvoy"]
+PROTOS = str(Path(__file__).resolve().parent.parent / "proto")
 STOPPED = re.compile(r"stream (cancelled|deadline_exceeded) after (\d+) of (\d+) messages")
 
 
@@ -71,14 +74,11 @@ async def caller(postgres: TestPostgres) -> AsyncIterator[ServiceProcess]:
         yield service
 
 
-@pytest.fixture(scope="module", params=SERVERS)
-async def greeter(
-    request: pytest.FixtureRequest,
-    postgres: TestPostgres,
-    external: ExternalServer,
-    caller: ServiceProcess,
+@contextlib.asynccontextmanager
+async def greeter_on(
+    server: str, postgres: TestPostgres, external: ExternalServer, caller: ServiceProcess
 ) -> AsyncIterator[Greeter]:
-    server: str = request.param
+    """A greeter process under `server` (MICROAPP_SERVER), with its own database."""
     database = postgres.fresh_database(f"greeter_v2_{server}")
     env = {
         "MICROAPP_SERVER": server,
@@ -89,6 +89,17 @@ async def greeter(
     async with ServiceProcess("greeter", env) as service:
         await service.wait_for("/healthz", 200)
         yield Greeter(server, service, database, external)
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+async def greeter(
+    request: pytest.FixtureRequest,
+    postgres: TestPostgres,
+    external: ExternalServer,
+    caller: ServiceProcess,
+) -> AsyncIterator[Greeter]:
+    async with greeter_on(request.param, postgres, external, caller) as started:
+        yield started
 
 
 def unique(prefix: str) -> str:
@@ -239,6 +250,13 @@ async def test_stream_unknown_locale_is_invalid_argument(greeter: Greeter) -> No
 # --- GreetStream: buf curl -----------------------------------------------------------------
 
 
+async def buf_curl_http1(url: str, data: str, *, protocol: str) -> Completed:
+    """`buf curl` over HTTP/1.1 (what Granian speaks), schema from the repository's protos."""
+    return await run(
+        str(BIN / "buf"), "curl", "--protocol", protocol, "--schema", PROTOS, "-d", data, url
+    )  # fmt: skip
+
+
 def json_stream(text: str) -> list[dict[str, object]]:
     """The JSON objects `buf curl` prints one after another for a stream."""
     decoder = json.JSONDecoder()
@@ -382,8 +400,8 @@ async def test_connect_over_http1_streams_messages_as_they_are_produced(greeter:
     assert frames[-1] == {}
 
 
-async def test_connect_over_http1_disconnect_stops_the_servers_loop(greeter: Greeter) -> None:
-    seen = len(greeter.stops())
+async def read_two_then_disconnect(greeter: Greeter) -> list[int]:
+    """Start a 100-greeting Connect stream over HTTP/1.1, read two, drop the connection."""
     request = GreetStreamRequest(name="Leaver", count=100, interval_ms=200)
     received: list[int] = []
     async with aiohttp.ClientSession() as session:
@@ -399,6 +417,12 @@ async def test_connect_over_http1_disconnect_stops_the_servers_loop(greeter: Gre
                 break
         # Drops the connection: the only way an HTTP/1.1 client can cancel.
         response.close()
+    return received
+
+
+async def test_connect_over_http1_disconnect_stops_the_servers_loop(greeter: Greeter) -> None:
+    seen = len(greeter.stops())
+    received = await read_two_then_disconnect(greeter)
     reason, sent, count = await greeter.next_stop(seen)
     assert received == [1, 2]
     assert (reason, count) == ("cancelled", 100)
@@ -422,3 +446,40 @@ async def test_connect_deadline_ends_the_stream_with_deadline_exceeded(greeter: 
     assert end["error"]["code"] == "deadline_exceeded"  # type: ignore[index]
     assert 1 <= len(frames) - 1 < 100
     assert await greeter.next_stop(seen) == ("deadline_exceeded", len(frames) - 1, 100)
+
+
+# --- Granian: Connect and gRPC-Web only ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def granian_greeter(
+    postgres: TestPostgres, external: ExternalServer, caller: ServiceProcess
+) -> AsyncIterator[Greeter]:
+    async with greeter_on("granian", postgres, external, caller) as started:
+        yield started
+
+
+@pytest.mark.parametrize("protocol", ["connect", "grpcweb"])
+async def test_granian_streams_over_connect_and_grpc_web(
+    granian_greeter: Greeter, protocol: str
+) -> None:
+    url = f"{granian_greeter.service.url}{STREAM_PATH}"
+    result = await buf_curl_http1(url, '{"count": 3}', protocol=protocol)
+    assert result.returncode == 0, result.stderr
+    assert [m["sequence"] for m in json_stream(result.stdout)] == [1, 2, 3]
+
+
+async def test_granian_refuses_grpc_streams_clearly(granian_greeter: Greeter) -> None:
+    url = f"{granian_greeter.service.url}{STREAM_PATH}"
+    result = await buf_curl_http1(url, '{"count": 3}', protocol="grpc")
+    assert result.returncode != 0
+    assert "gRPC needs HTTP/2 trailers" in result.stdout + result.stderr
+
+
+async def test_granian_disconnect_stops_the_servers_loop(granian_greeter: Greeter) -> None:
+    seen = len(granian_greeter.stops())
+    received = await read_two_then_disconnect(granian_greeter)
+    reason, sent, count = await granian_greeter.next_stop(seen)
+    assert received == [1, 2]
+    assert (reason, count) == ("cancelled", 100)
+    assert 2 <= sent < 10
