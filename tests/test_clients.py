@@ -126,6 +126,7 @@ class Result:
     response: dict[str, Any] = field(default_factory=dict)
     code: str = ""
     message: str = ""
+    encoding: str = ""  # the response's compression, where the client reports it
 
 
 @dataclass(frozen=True)
@@ -608,9 +609,11 @@ async def run_node(
 
 
 def _node_result(raw: dict[str, Any]) -> Result:
+    headers = raw.get("headers", {})
+    encoding = headers.get("content-encoding") or headers.get("grpc-encoding") or ""
     if raw["ok"]:
-        return Result(True, raw["response"])
-    return Result(False, code=raw["code"], message=raw["message"])
+        return Result(True, raw["response"], encoding=encoding)
+    return Result(False, code=raw["code"], message=raw["message"], encoding=encoding)
 
 
 @dataclass(frozen=True)
@@ -694,6 +697,20 @@ async def node_mismatches(
     for case, label, result in zip(expected, labels, results, strict=True):
         problems += mismatches([case], result, label)
     return problems
+
+
+async def test_connect_node_with_gzip_gets_gzipped_answers(
+    stack: Stack, descriptor_set: Path, tmp_path: Path
+) -> None:
+    """The server reads gzipped requests (the matrix passes) and answers in gzip when the
+    client accepts it; without gzip the answer is not compressed."""
+    case = lang_greets("Ada")
+    variants = [
+        v for v in NODE_VARIANTS if not (stack.server == "granian" and v.protocol == "grpc")
+    ]
+    results = await run_node(descriptor_set, [v.call(stack, case) for v in variants], tmp_path)
+    encodings = {v.label: r.encoding for v, [r] in zip(variants, results, strict=True)}
+    assert encodings == {v.label: "gzip" if v.gzip else "identity" for v in variants}
 
 
 async def test_buf_curl_gets_every_answer_over_every_protocol(
