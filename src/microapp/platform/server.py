@@ -177,9 +177,69 @@ def install_protocol_guards() -> None:
     _drain_h11_bodies_answered_early()
     _unblock_streams_closed_with_unread_body()
     _read_timeout_only_while_a_body_is_owed()
+    _coalesce_socket_writes()
 
 
 _guards_installed = False
+
+# Bytes a connection may hold back for its next write before it writes them at once and
+# waits for the socket, as Hypercorn waited after each write.
+_COALESCE_MAX_BYTES = 64 * 1024
+
+
+def _coalesce_socket_writes() -> None:
+    """Write what one turn of the event loop sends on a connection in one socket write.
+
+    Hypercorn writes, and waits for the socket, once per frame batch it sends: an h2c
+    Connect answer is two writes (HEADERS, DATA), a gRPC one three (and trailers), and
+    connections multiplexing many streams make a system call per frame of each. Now
+    the bytes are queued in order and written by one callback at the end of the loop's
+    turn; past `_COALESCE_MAX_BYTES` queued, or with that much still unsent in the
+    transport, they are written at once and the sender waits for the socket, which keeps
+    Hypercorn's back-pressure. A connection closing writes what
+    is queued first, so a GOAWAY or a last answer is never dropped.
+    """
+    protocol_send = TCPServer.protocol_send
+    close = TCPServer._close
+
+    async def _protocol_send(self: TCPServer, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await protocol_send(self, event)
+            return
+        queued: list[bytes] | None = getattr(self, "_microapp_queued", None)
+        if queued is None:
+            queued = self._microapp_queued = []  # type: ignore[attr-defined]
+            self._microapp_queued_bytes = 0  # type: ignore[attr-defined]
+            self.loop.call_soon(_write_queued, self)
+        queued.append(event.data)
+        self._microapp_queued_bytes += len(event.data)  # type: ignore[attr-defined]
+        too_much = self._microapp_queued_bytes > _COALESCE_MAX_BYTES  # type: ignore[attr-defined]
+        # A socket not keeping up (a slow reader) makes the sender wait, as before.
+        if too_much or self.writer.transport.get_write_buffer_size() > _COALESCE_MAX_BYTES:
+            async with self.send_lock:
+                try:
+                    _write_queued(self)
+                    await self.writer.drain()
+                except (ConnectionError, RuntimeError):
+                    await self.protocol.handle(Closed())
+
+    async def _close(self: TCPServer) -> None:
+        _write_queued(self)
+        await close(self)
+
+    TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
+    TCPServer._close = _close  # type: ignore[method-assign]
+
+
+def _write_queued(server: TCPServer) -> None:
+    """Hand the connection's queued bytes to its transport in one write."""
+    queued: list[bytes] | None = getattr(server, "_microapp_queued", None)
+    if not queued:
+        return
+    server._microapp_queued = None  # type: ignore[attr-defined]
+    if server.writer.is_closing():
+        return  # the connection is gone: nothing can be delivered
+    server.writer.write(b"".join(queued))
 
 
 def _ignore_body_frames_after_the_answer() -> None:
