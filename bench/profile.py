@@ -17,7 +17,8 @@ PACKAGES = [
     ("connectrpc (Connect protocol)", r"^connectrpc/"),
     ("starlette (routing, middleware)", r"^starlette/"),
     ("protobuf", r"^google/protobuf/"),
-    ("microapp (handler, app)", r"^microapp/"),
+    ("microapp platform (dispatch, access log, validation)", r"^microapp/platform/"),
+    ("microapp handler and generated code", r"^microapp/"),
     ("asyncio / uvloop (event loop, socket writes)", r"^(asyncio|uvloop)/"),
 ]
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]*)(?::\d+)?\)$")
