@@ -21,8 +21,6 @@ import pytest
 from argon2 import PasswordHasher
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from microapp.gen.auth.v1.auth_connect import AuthServiceClient
 from microapp.gen.auth.v1.auth_pb2 import LoginRequest, RegisterRequest, VerifyRequest
@@ -34,42 +32,12 @@ from microapp.services.auth.keys import SigningKey
 from microapp.services.auth.passwords import Passwords
 from microapp.services.auth.tokens import TokenIssuer
 from tests.support.commands import run
+from tests.support.jwt import TestKey, b64url
 from tests.support.ports import free_port
 from tests.support.postgres import TestPostgres, query
 from tests.support.services import ServiceProcess
 
 PASSWORD = "correct horse battery"
-
-
-@dataclass
-class TestKey:
-    """An RSA key the test generated and handed to the auth process as its key file."""
-
-    __test__ = False
-
-    private: rsa.RSAPrivateKey
-    path: Path
-
-    @property
-    def private_pem(self) -> bytes:
-        return self.private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    @property
-    def public_pem(self) -> bytes:
-        return self.private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-
-    @property
-    def kid(self) -> str:
-        # RFC 7638, computed here independently of the service's code.
-        jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key()))
-        canonical = json.dumps({k: jwk[k] for k in ("e", "kty", "n")}, separators=(",", ":"))
-        return _b64url(hashlib.sha256(canonical.encode()).digest())
 
 
 @dataclass
@@ -79,18 +47,8 @@ class Auth:
     key: TestKey
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def _segment(value: dict[str, Any]) -> str:
-    return _b64url(json.dumps(value, separators=(",", ":")).encode())
-
-
-def _new_key(path: Path) -> TestKey:
-    key = TestKey(rsa.generate_private_key(public_exponent=65537, key_size=2048), path)
-    path.write_bytes(key.private_pem)
-    return key
+    return b64url(json.dumps(value, separators=(",", ":")).encode())
 
 
 def _unique_email() -> str:
@@ -99,7 +57,7 @@ def _unique_email() -> str:
 
 @pytest.fixture(scope="module")
 def test_key(tmp_path_factory: pytest.TempPathFactory) -> TestKey:
-    return _new_key(tmp_path_factory.mktemp("auth-key") / "auth-key.pem")
+    return TestKey.new(tmp_path_factory.mktemp("auth-key") / "auth-key.pem")
 
 
 @pytest.fixture(scope="module")
@@ -148,17 +106,6 @@ async def _token_for_new_user(auth: Auth) -> tuple[str, str]:
     status, body = await _login(auth, email)
     assert status == 200, body
     return user["id"], body["token"]
-
-
-def _sign(key: TestKey, **overrides: Any) -> str:
-    """A token signed with the service's own key; claims valid unless overridden."""
-    now = int(time.time())
-    claims = {"sub": str(uuid.uuid4()), "role": "user", "iss": "auth-service", "iat": now}
-    claims["exp"] = now + 3600
-    kid = overrides.pop("kid", key.kid)
-    claims.update(overrides)
-    claims = {name: value for name, value in claims.items() if value is not None}
-    return pyjwt.encode(claims, key.private_pem, algorithm="RS256", headers={"kid": kid})
 
 
 # --- register, login, verify -------------------------------------------------------------
@@ -225,7 +172,7 @@ async def test_token_signed_by_the_service_key_with_valid_claims_verifies(auth: 
     # The control for the rejections below: a token the test signs itself is accepted
     # when nothing is wrong with it.
     user_id = str(uuid.uuid4())
-    status, body, _ = await _verify(auth.service.url, f"Bearer {_sign(auth.key, sub=user_id)}")
+    status, body, _ = await _verify(auth.service.url, f"Bearer {auth.key.sign(sub=user_id)}")
     assert status == 200
     assert body["userId"] == user_id
 
@@ -248,7 +195,7 @@ def _hs256_with_public_key(auth: Auth, token: str) -> str:
         f"{_segment({'alg': 'HS256', 'kid': auth.key.kid, 'typ': 'JWT'})}.{_segment(claims)}"
     )
     mac = hmac.new(auth.key.public_pem, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{_b64url(mac)}"
+    return f"{signing_input}.{b64url(mac)}"
 
 
 REJECTED: dict[str, Callable[[Auth, str], str | None]] = {
@@ -257,11 +204,11 @@ REJECTED: dict[str, Callable[[Auth, str], str | None]] = {
     "garbage in three parts": lambda auth, token: "Bearer abc.def.ghi",
     "not a bearer token": lambda auth, token: f"Basic {token}",
     "expired": lambda auth, token: (
-        "Bearer " + _sign(auth.key, iat=int(time.time()) - 7200, exp=int(time.time()) - 3600)
+        "Bearer " + auth.key.sign(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600)
     ),
-    "wrong issuer": lambda auth, token: "Bearer " + _sign(auth.key, iss="someone-else"),
-    "no issuer": lambda auth, token: "Bearer " + _sign(auth.key, iss=None),
-    "unknown kid": lambda auth, token: "Bearer " + _sign(auth.key, kid="not-a-known-kid"),
+    "wrong issuer": lambda auth, token: "Bearer " + auth.key.sign(iss="someone-else"),
+    "no issuer": lambda auth, token: "Bearer " + auth.key.sign(iss=None),
+    "unknown kid": lambda auth, token: "Bearer " + auth.key.sign(kid="not-a-known-kid"),
     "tampered payload": lambda auth, token: "Bearer " + _tampered(auth, token),
     "alg none": lambda auth, token: "Bearer " + _alg_none(auth, token),
     "hs256 signed with the public key": lambda auth, token: (
@@ -437,7 +384,7 @@ async def test_connect_login_with_a_wrong_password_is_unauthenticated(auth: Auth
 async def test_token_still_verifies_after_a_restart_with_the_same_key_file(
     postgres: TestPostgres, tmp_path: Path
 ) -> None:
-    key = _new_key(tmp_path / "key.pem")
+    key = TestKey.new(tmp_path / "key.pem")
     env = {
         "DATABASE_URL": postgres.fresh_database("auth_restart"),
         "AUTH_PRIVATE_KEY_FILE": str(key.path),
@@ -484,7 +431,7 @@ async def test_dev_key_is_generated_once_and_readable_only_by_its_owner(tmp_path
 
 
 async def test_token_of_another_key_is_refused(auth: Auth, tmp_path: Path) -> None:
-    other = _new_key(tmp_path / "other.pem")
+    other = TestKey.new(tmp_path / "other.pem")
     # Signed by a key the service does not hold but naming the service's kid.
     forged = pyjwt.encode(
         {"sub": "x", "role": "admin", "iss": "auth-service", "iat": int(time.time()),

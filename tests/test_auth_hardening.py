@@ -29,10 +29,11 @@ from microapp.gen.auth.v1.auth_pb2 import LoginRequest, RegisterRequest, VerifyR
 from microapp.gen.greeter.v1.greeter_connect import GreeterServiceClient
 from microapp.gen.greeter.v1.greeter_pb2 import GreetRequest
 from microapp.platform.authn import InvalidToken, JwksClient
+from tests.support.clock import FakeClock
 from tests.support.external import ExternalServer
+from tests.support.jwt import TestKey
 from tests.support.postgres import TestPostgres
 from tests.support.services import ServiceProcess
-from tests.test_auth import TestKey, _new_key, _sign
 
 PASSWORD = "correct horse battery"
 MIB = 1024 * 1024
@@ -117,7 +118,7 @@ async def _auth_with_database(
 
 @pytest.fixture(scope="module")
 def key(tmp_path_factory: pytest.TempPathFactory) -> TestKey:
-    return _new_key(tmp_path_factory.mktemp("hardening-key") / "auth-key.pem")
+    return TestKey.new(tmp_path_factory.mktemp("hardening-key") / "auth-key.pem")
 
 
 @pytest.fixture(scope="module")
@@ -311,10 +312,10 @@ def _write_public(key: TestKey, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def rotation(tmp_path_factory: pytest.TempPathFactory) -> Rotation:
     directory = tmp_path_factory.mktemp("rotation")
-    old = _new_key(directory / "old.pem")
+    old = TestKey.new(directory / "old.pem")
     return Rotation(
         old=old,
-        new=_new_key(directory / "new.pem"),
+        new=TestKey.new(directory / "new.pem"),
         old_public=_write_public(old, directory / "old.pub.pem"),
         directory=directory,
     )
@@ -374,7 +375,7 @@ async def test_the_jwks_publishes_the_new_key_and_the_previous_one(
 async def test_a_token_signed_by_the_previous_key_verifies_at_auth(
     rotated: RotatedStack, rotation: Rotation
 ) -> None:
-    token = _sign(rotation.old, sub="signed-before-rotation")
+    token = rotation.old.sign(sub="signed-before-rotation")
     assert await _verify(rotated.auth.url, token) == 200
     async with AuthServiceClient(rotated.auth.url) as client:
         verified = await client.verify(VerifyRequest(token=token))
@@ -386,13 +387,13 @@ async def test_tokens_of_both_keys_are_served_by_a_service_requiring_tokens(
     rotated: RotatedStack, rotation: Rotation, which: str
 ) -> None:
     key = rotation.old if which == "old" else rotation.new
-    assert await _greet(rotated.greeter, _sign(key)) == "Hello Ada from greeter-service!"
+    assert await _greet(rotated.greeter, key.sign()) == "Hello Ada from greeter-service!"
 
 
 async def test_a_token_signed_by_an_unknown_key_is_refused_everywhere(
     rotated: RotatedStack, rotation: Rotation
 ) -> None:
-    stranger = _sign(_new_key(rotation.directory / "stranger.pem"))
+    stranger = TestKey.new(rotation.directory / "stranger.pem").sign()
     assert await _verify(rotated.auth.url, stranger) == 401
     async with AuthServiceClient(rotated.auth.url) as client:
         with pytest.raises(ConnectError) as at_auth:
@@ -405,7 +406,7 @@ async def test_a_token_signed_by_an_unknown_key_is_refused_everywhere(
 async def test_a_previous_private_key_file_works_like_its_public_key(rotation: Rotation) -> None:
     env = {**_rotated_env(rotation), "AUTH_PREVIOUS_PUBLIC_KEY_FILES": str(rotation.old.path)}
     async with ServiceProcess("auth", env) as auth:
-        assert await _verify(auth.url, _sign(rotation.old)) == 200
+        assert await _verify(auth.url, rotation.old.sign()) == 200
 
 
 async def test_an_unreadable_previous_key_file_stops_auth_with_a_clear_message(
@@ -430,14 +431,6 @@ def _with_kid(token: str, kid: str) -> str:
     header = {"alg": "RS256", "typ": "JWT", "kid": kid}
     encoded = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
     return f"{encoded}.{payload}.{signature}"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def _restart(auth: ServiceProcess, env: dict[str, str]) -> ServiceProcess:
@@ -474,23 +467,23 @@ async def verifier(rotation: Rotation) -> AsyncIterator[Verifier]:
 async def test_a_verifier_holding_the_old_keys_accepts_the_new_kid_without_waiting_the_ttl(
     verifier: Verifier, rotation: Rotation
 ) -> None:
-    await verifier.client.verify(_sign(rotation.old))
+    await verifier.client.verify(rotation.old.sign())
     assert verifier.client.fetches == 1
 
     verifier.auth = await _restart(verifier.auth, _rotated_env(rotation))
     verifier.clock.now += 6  # past the unknown-kid throttle, far from the 300 s TTL
-    principal = await verifier.client.verify(_sign(rotation.new, sub="after-rotation"))
+    principal = await verifier.client.verify(rotation.new.sign(sub="after-rotation"))
     assert principal.user_id == "after-rotation"
     assert verifier.client.fetches == 2
     # The previous key is still published, so the old token keeps verifying.
-    await verifier.client.verify(_sign(rotation.old))
+    await verifier.client.verify(rotation.old.sign())
     assert verifier.client.fetches == 2
 
 
 async def test_a_verifier_fetches_again_after_the_ttl_and_not_before(
     verifier: Verifier, rotation: Rotation
 ) -> None:
-    token = _sign(rotation.old)
+    token = rotation.old.sign()
     await verifier.client.verify(token)
     verifier.clock.now += 299
     await verifier.client.verify(token)
@@ -503,7 +496,7 @@ async def test_a_verifier_fetches_again_after_the_ttl_and_not_before(
 async def test_a_key_auth_stopped_publishing_stops_verifying_after_the_ttl(
     verifier: Verifier, rotation: Rotation
 ) -> None:
-    token = _sign(rotation.old)
+    token = rotation.old.sign()
     await verifier.client.verify(token)
     # Rotated without keeping the old key: its tokens must stop verifying, at the latest
     # once the TTL has passed.
@@ -518,7 +511,7 @@ async def test_a_key_auth_stopped_publishing_stops_verifying_after_the_ttl(
 async def test_a_flood_of_unknown_kids_fetches_at_most_once_per_interval(
     verifier: Verifier, rotation: Rotation
 ) -> None:
-    token = _sign(rotation.old)
+    token = rotation.old.sign()
     await verifier.client.verify(token)
     for i in range(100):
         verifier.clock.now += 0.01

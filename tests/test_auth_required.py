@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import jwt as pyjwt
 import pytest
-from aiohttp import web
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from hypercorn.asyncio import serve as hypercorn_serve
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -30,10 +23,11 @@ from microapp.gen.greeter.v1.greeter_pb2 import GreetRequest
 from microapp.platform.authn import InvalidToken, JwksClient, KeysUnavailable, current_principal
 from microapp.platform.config import CommonSettings
 from microapp.platform.http import ServiceParts, build_app
-from microapp.platform.server import ServerOptions, hypercorn_config
+from tests.support.clock import FakeClock
 from tests.support.commands import BIN, run
 from tests.support.external import ExternalServer
-from tests.support.polling import eventually
+from tests.support.inprocess import serving
+from tests.support.jwt import TestKey, token_from_auth
 from tests.support.ports import free_port
 from tests.support.services import ServiceProcess
 
@@ -65,15 +59,6 @@ async def stack(
             yield Stack(auth, greeter)
 
 
-async def _token_from_auth(auth: ServiceProcess, email: str = "reader@example.org") -> str:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(auth.url + "/auth/login", json={"email": email, "password": "x"}) as resp,
-    ):
-        assert resp.status == 200
-        return (await resp.json())["token"]
-
-
 async def test_greeter_refuses_a_call_without_a_token_as_unauthenticated(stack: Stack) -> None:
     async with GreeterServiceClient(stack.greeter.url) as client:
         with pytest.raises(ConnectError) as caught:
@@ -82,7 +67,7 @@ async def test_greeter_refuses_a_call_without_a_token_as_unauthenticated(stack: 
 
 
 async def test_greeter_serves_a_call_with_a_token_from_auth(stack: Stack) -> None:
-    token = await _token_from_auth(stack.auth)
+    token = await token_from_auth(stack.auth.url)
     async with GreeterServiceClient(stack.greeter.url) as client:
         response = await client.greet(
             GreetRequest(name="Ada"), headers={"Authorization": f"Bearer {token}"}
@@ -99,8 +84,8 @@ async def test_greeter_refuses_a_garbage_token_as_unauthenticated(stack: Stack) 
 
 
 async def test_greeter_refuses_a_token_forged_with_another_key(stack: Stack) -> None:
-    genuine = await _token_from_auth(stack.auth)
-    forger = _Key.new()
+    genuine = await token_from_auth(stack.auth.url)
+    forger = TestKey.new()
     forged = forger.sign(kid=pyjwt.get_unverified_header(genuine)["kid"])
     async with GreeterServiceClient(stack.greeter.url) as client:
         with pytest.raises(ConnectError) as caught:
@@ -119,7 +104,7 @@ async def test_grpc_call_without_a_token_is_unauthenticated(stack: Stack, protoc
 
 
 async def test_grpc_call_with_a_token_is_served(stack: Stack) -> None:
-    token = await _token_from_auth(stack.auth)
+    token = await token_from_auth(stack.auth.url)
     result = await run(
         str(BIN / "buf"), "curl", "--protocol", "grpc", "--http2-prior-knowledge",
         "-H", f"Authorization: Bearer {token}",
@@ -148,66 +133,27 @@ async def test_auth_required_without_a_jwks_url_stops_the_service_with_a_clear_m
 
 
 @dataclass
-class _Key:
-    private: rsa.RSAPrivateKey
-    kid: str
-
-    @classmethod
-    def new(cls) -> _Key:
-        return cls(rsa.generate_private_key(public_exponent=65537, key_size=2048), uuid.uuid4().hex)
-
-    def jwk(self) -> dict[str, Any]:
-        public = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key()))
-        return {**public, "use": "sig", "alg": "RS256", "kid": self.kid}
-
-    def sign(self, *, kid: str | None = None, sub: str = "user-1", **claims: Any) -> str:
-        now = int(time.time())
-        payload = {"sub": sub, "role": "user", "iss": "auth-service", "iat": now, "exp": now + 60}
-        pem = self.private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        return pyjwt.encode(
-            {**payload, **claims}, pem, algorithm="RS256", headers={"kid": kid or self.kid}
-        )
-
-
-@dataclass
 class JwksServer:
     """A real HTTP server publishing whatever keys the test puts in `keys`."""
 
-    keys: list[_Key]
-    port: int = field(default_factory=free_port)
-    requests: int = 0
+    keys: list[TestKey]
+    server: ExternalServer
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/jwks.json"
+        return self.server.url_for("/jwks.json")
 
-    async def _jwks(self, request: web.Request) -> web.Response:
-        self.requests += 1
-        return web.json_response({"keys": [key.jwk() for key in self.keys]})
+    @property
+    def requests(self) -> int:
+        return self.server.requests
 
 
 @pytest.fixture
 async def jwks_server() -> AsyncIterator[JwksServer]:
-    server = JwksServer([_Key.new()])
-    app = web.Application()
-    app.router.add_get("/jwks.json", server._jwks)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", server.port).start()
-    yield server
-    await runner.cleanup()
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+    async with ExternalServer() as server:
+        jwks = JwksServer([TestKey.new()], server)
+        server.serve_json("/jwks.json", lambda: {"keys": [key.jwk() for key in jwks.keys]})
+        yield jwks
 
 
 @pytest.fixture
@@ -233,7 +179,7 @@ async def test_keys_are_fetched_again_when_a_token_names_a_new_kid(
 ) -> None:
     client, clock = jwks_client
     await client.verify(jwks_server.keys[0].sign())
-    rotated = _Key.new()
+    rotated = TestKey.new()
     jwks_server.keys = [rotated]
     clock.now += 11
     principal = await client.verify(rotated.sign(sub="after-rotation"))
@@ -270,38 +216,9 @@ async def test_unreachable_jwks_means_keys_unavailable_not_an_invalid_token() ->
     client = JwksClient(f"http://127.0.0.1:{free_port()}/jwks.json")
     try:
         with pytest.raises(KeysUnavailable):
-            await client.verify(_Key.new().sign())
+            await client.verify(TestKey.new().sign())
     finally:
         await client.close()
-
-
-@contextlib.asynccontextmanager
-async def _serving(app: Starlette) -> AsyncIterator[str]:
-    """The app on Hypercorn in this event loop, as the CLI serves it."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        hypercorn_serve(
-            app,  # type: ignore[arg-type]
-            hypercorn_config(ServerOptions(host="127.0.0.1", port=port)),
-            shutdown_trigger=stop.wait,
-        )
-    )
-
-    async def answers() -> bool:
-        try:
-            async with aiohttp.ClientSession() as session, session.get(url + "/livez") as resp:
-                return resp.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    try:
-        await eventually(answers)
-        yield url
-    finally:
-        stop.set()
-        await task
 
 
 @pytest.fixture
@@ -315,7 +232,7 @@ async def rest_service(jwks_server: JwksServer) -> AsyncIterator[str]:
     app = build_app(
         settings, ServiceParts(connect=[], proto_files=[], routes=[Route("/whoami", whoami)])
     )
-    async with _serving(app) as url:
+    async with serving(app) as url:
         yield url
 
 

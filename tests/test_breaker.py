@@ -21,19 +21,9 @@ from microapp.platform.breaker import BreakerOpenError, BreakerSnapshot, Circuit
 from microapp.platform.retry_budget import RetryBudget
 from microapp.services.gateway.downstream import Reply
 from microapp.services.gateway.service import ResilientInvoker
+from tests.support.clock import FakeClock
 
 T = TypeVar("T")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class DownstreamFailed(Exception):

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 from typing import Any
-from urllib.parse import quote
 
 import pytest
-from aiohttp import web
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
@@ -28,64 +26,11 @@ from microapp.services.caller.guard import TargetGuard, TargetRefused, guarded_s
 from microapp.services.caller.service import CallerHandler
 from tests.support.external import ExternalServer
 from tests.support.polling import eventually
-from tests.support.ports import free_port
 from tests.support.postgres import TestPostgres, query
 from tests.support.services import ServiceProcess
 
 HOW_TO_ALLOW = "set CALLER_ALLOW_PRIVATE_NETWORKS=1 to allow private targets"
 BODY_CAP = 1000
-
-
-@dataclass
-class Target:
-    """A loopback HTTP server that redirects, sets cookies and streams, recording each request.
-
-    `/redirect?to=URL` answers 302 to URL; `/loop` redirects to itself; `/set-cookie` sets
-    one; `/stream?size=N` sends N bytes chunked (no Content-Length); anything else is 200.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = field(default_factory=free_port)
-    requests: list[web.Request] = field(default_factory=list)
-    _runner: web.AppRunner | None = None
-
-    def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
-
-    def redirect_to(self, url: str) -> str:
-        return self.url("/redirect?to=" + quote(url, safe=""))
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(request)
-        if request.path == "/redirect":
-            raise web.HTTPFound(request.query["to"])
-        if request.path == "/loop":
-            raise web.HTTPFound("/loop")
-        if request.path == "/set-cookie":
-            response = web.Response(text="cookie set")
-            response.set_cookie("session", "secret-of-the-first-caller")
-            return response
-        if request.path == "/stream":
-            stream = web.StreamResponse()
-            stream.enable_chunked_encoding()
-            await stream.prepare(request)
-            for _ in range(int(request.query["size"]) // 100):
-                await stream.write(b"x" * 100)
-            await stream.write_eof()
-            return stream
-        return web.Response(text="ok")
-
-    async def __aenter__(self) -> Target:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -182,13 +127,13 @@ async def test_redirect_from_a_public_target_to_loopback_is_permission_denied(
 ) -> None:
     before = external.requests
     final = f"http://{final_host}:{external.port}/respond?size=5"
-    async with Target(host="127.0.0.2") as first:
+    async with ExternalServer(host="127.0.0.2") as first:
         request = CallExternalRequest(url=first.redirect_to(final))
         with pytest.raises(ConnectError) as caught:
             await guarded_handler.call_external(request, None)  # type: ignore[arg-type]
     assert caught.value.code == Code.PERMISSION_DENIED
     assert "loopback" in caught.value.message
-    assert len(first.requests) == 1  # the first hop was fetched: it passed as public
+    assert first.requests == 1  # the first hop was fetched: it passed as public
     assert external.requests == before
 
 
@@ -196,33 +141,33 @@ async def test_the_injected_rule_lets_its_public_target_answer(
     guarded_handler: CallerHandler,
 ) -> None:
     # The control for the test above: the first hop alone is fetched and answered.
-    async with Target(host="127.0.0.2") as target:
-        request = CallExternalRequest(url=target.url("/page"))
+    async with ExternalServer(host="127.0.0.2") as target:
+        request = CallExternalRequest(url=target.url_for("/page"))
         response = await guarded_handler.call_external(request, None)  # type: ignore[arg-type]
     assert response.status_code == 200
-    assert len(target.requests) == 1
+    assert target.requests == 1
 
 
 async def test_redirects_are_followed_to_an_allowed_target(
     open_caller: OpenCaller, external: ExternalServer
 ) -> None:
-    async with Target() as target:
+    async with ExternalServer() as target:
         response = await call(open_caller.service, target.redirect_to(external.url(size=7)))
     assert (response.status_code, response.body_length) == (200, 7)
 
 
 async def test_a_sixth_redirect_is_failed_precondition(open_caller: OpenCaller) -> None:
-    async with Target() as target:
-        error = await refused(open_caller.service, target.url("/loop"))
+    async with ExternalServer() as target:
+        error = await refused(open_caller.service, target.url_for("/loop"))
     assert error.code == Code.FAILED_PRECONDITION
     assert "redirected more than 5 times" in error.message
-    assert len(target.requests) == 6  # the URL and five redirects, no more
+    assert target.requests == 6  # the URL and five redirects, no more
 
 
 async def test_allowed_hosts_narrow_every_redirect_hop(external: ExternalServer) -> None:
     env = {"CALLER_ALLOWED_HOSTS": "127.0.0.1", "CALLER_ALLOW_PRIVATE_NETWORKS": "1"}
     before = external.requests
-    async with ServiceProcess("caller", env) as caller, Target() as target:
+    async with ServiceProcess("caller", env) as caller, ExternalServer() as target:
         allowed = await call(caller, target.redirect_to(external.url(size=3)))
         assert allowed.body_length == 3
         elsewhere = f"http://localhost:{external.port}/respond?size=3"
@@ -236,11 +181,11 @@ async def test_allowed_hosts_narrow_every_redirect_hop(external: ExternalServer)
 
 
 async def test_a_cookie_set_for_one_call_is_not_sent_on_the_next(open_caller: OpenCaller) -> None:
-    async with Target() as target:
-        await call(open_caller.service, target.url("/set-cookie"))
-        await call(open_caller.service, target.url("/next"))
-    assert target.requests[0].path == "/set-cookie"
-    assert "Cookie" not in target.requests[1].headers
+    async with ExternalServer() as target:
+        await call(open_caller.service, target.url_for("/set-cookie"))
+        await call(open_caller.service, target.url_for("/next"))
+    assert target.received[0].path == "/set-cookie"
+    assert "Cookie" not in target.received[1].headers
 
 
 async def test_a_body_at_the_cap_is_counted(
@@ -261,8 +206,8 @@ async def test_a_body_past_the_cap_is_resource_exhausted(
 async def test_a_streamed_body_without_length_is_stopped_past_the_cap(
     open_caller: OpenCaller,
 ) -> None:
-    async with Target() as target:
-        error = await refused(open_caller.service, target.url(f"/stream?size={100 * BODY_CAP}"))
+    async with ExternalServer() as target:
+        error = await refused(open_caller.service, target.url_for(f"/stream?size={100 * BODY_CAP}"))
     assert error.code == Code.RESOURCE_EXHAUSTED
 
 
@@ -297,7 +242,7 @@ async def test_redirect_to_a_host_that_cannot_be_looked_up_is_unavailable(
     open_caller: OpenCaller,
 ) -> None:
     # Python's resolver refuses to encode the name, before any lookup leaves the machine.
-    async with Target() as target:
+    async with ExternalServer() as target:
         error = await refused(open_caller.service, target.redirect_to("http://a..b/"))
     assert error.code == Code.UNAVAILABLE
     assert "cannot be looked up" in error.message

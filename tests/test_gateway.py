@@ -16,7 +16,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
@@ -25,12 +24,12 @@ from microapp.gen.gateway.v1.gateway_pb2 import InvokeCustomRequest
 from microapp.platform.config import ConfigError
 from microapp.services.gateway.app import GatewaySettings
 from tests.support.commands import buf_curl, run
+from tests.support.external import ExternalServer
+from tests.support.jwt import token_from_auth
 from tests.support.otlp import OtlpReceiver
 from tests.support.polling import eventually
-from tests.support.ports import free_port
 from tests.support.postgres import TestPostgres, query, table_exists
 from tests.support.services import ServiceProcess
-from tests.test_auth_required import _token_from_auth
 
 # Beside the special names, statuses that complete the gateway's mapping table.
 LANG_RULES = {"invalid": 400, "teapot": 418, "broken": 500, "badgateway": 502, "slowgw": 504}
@@ -271,7 +270,7 @@ async def test_debug_breaker_requires_a_token_when_auth_is_required(
         "AUTH_REQUIRED": "1",
         "AUTH_JWKS_URL": auth.url + "/.well-known/jwks.json",
     }
-    token = await _token_from_auth(auth, "operator@example.org")
+    token = await token_from_auth(auth.url, "operator@example.org")
     async with ServiceProcess("gateway", env) as gateway:
         url = gateway.url + "/debug/breaker"
         status, body, challenge = await get_breaker(url)
@@ -480,37 +479,10 @@ async def test_custom_lang_down_is_unavailable_at_once_and_gateway_keeps_serving
             assert await eventually(served)
 
 
-class SlowCustomLang:
-    """A real HTTP server that answers /invoke only after `delay` seconds."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.requests = 0
-        self._runner: web.AppRunner | None = None
-
-    async def _invoke(self, request: web.Request) -> web.Response:
-        self.requests += 1
-        await asyncio.sleep(self.delay)
-        return web.json_response({"message": "too late"})
-
-    async def __aenter__(self) -> SlowCustomLang:
-        app = web.Application()
-        app.router.add_post("/invoke", self._invoke)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
-
-
 async def test_a_timeout_is_deadline_exceeded_after_one_retry() -> None:
-    async with SlowCustomLang(delay=5.0) as slow:
-        env = {"CUSTOM_LANG_BASE_URL": slow.url, "GATEWAY_ATTEMPT_TIMEOUT_S": "0.3"}
+    async with ExternalServer() as slow:
+        slow.hold("/invoke")  # answers no attempt within its timeout
+        env = {"CUSTOM_LANG_BASE_URL": slow.base_url, "GATEWAY_ATTEMPT_TIMEOUT_S": "0.3"}
         async with ServiceProcess("gateway", env) as service:
             gateway = Gateway(service)
             error = await gateway.invoke_error("patient")

@@ -34,11 +34,9 @@ from microapp.platform.rest import MAX_JSON_DEPTH, json_nesting
 from microapp.platform.validation import field_holding_nul
 from microapp.services.customlang.app import CustomLangSettings, create_app
 from tests.support.external import ExternalServer
+from tests.support.inprocess import serving
 from tests.support.postgres import TestPostgres, query
 from tests.support.services import ServiceProcess
-
-# The in-process Hypercorn helper of the token-check tests, reused rather than copied.
-from tests.test_auth_required import _serving
 
 SECRET = "secret detail"
 NUL_NAME = "hostile\x00name"
@@ -341,7 +339,7 @@ class BrokenDatabase(Database):
 async def broken_lang() -> AsyncIterator[str]:
     """A real custom-lang app, served by Hypercorn in this process, on a broken database."""
     app = create_app(CustomLangSettings.from_env({}), database=BrokenDatabase())
-    async with _serving(app) as url:
+    async with serving(app) as url:
         yield url
 
 

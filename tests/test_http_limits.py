@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from hyperframe.frame import Frame, GoAwayFrame
 from microapp.platform.server import ResetBudget
 from tests.support.commands import BIN, buf_curl, run
 from tests.support.external import ExternalServer
+from tests.support.node import require_node
 from tests.support.polling import eventually
 from tests.support.services import ServiceProcess
 
@@ -458,16 +457,10 @@ async def test_an_http1_body_too_long_to_drain_gets_its_answer_and_connection_cl
 
 def node_client_or_skip() -> str:
     """The `node` binary with tests/clients installed; skips (fails under CI) without."""
-    node = shutil.which("node")
-    if node is None:
-        reason = "node is not installed"
-    elif not (CLIENTS / "node_modules" / "@connectrpc" / "connect-node").is_dir():
-        reason = "tests/clients has no node_modules: run `npm ci` in tests/clients"
-    else:
-        return node
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"connect-node client unavailable under CI: {reason}")
-    pytest.skip(reason)
+    return require_node(
+        CLIENTS / "node_modules" / "@connectrpc" / "connect-node",
+        hint="run `npm ci` in tests/clients",
+    )
 
 
 async def call_with_connect_node(

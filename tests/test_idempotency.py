@@ -42,11 +42,11 @@ from microapp.platform.idempotency import (
 )
 from tests.support.browser import (
     CHROMIUM_ARGS,
-    NO_CHROMIUM,
     ServiceGroup,
-    chromium_executable,
+    require_chromium,
     service_on_port,
 )
+from tests.support.clock import FakeClock
 from tests.support.external import ExternalServer
 from tests.support.polling import eventually
 from tests.support.ports import free_port
@@ -158,14 +158,6 @@ def test_the_fingerprint_leaves_out_unfingerprinted_fields_only() -> None:
 def test_outcomes_survive_their_stored_form(outcome: Any) -> None:
     stored = json.loads(json.dumps(outcome_to_json(outcome)))
     assert outcome_from_json(stored) == outcome
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_memory_store_evicts_the_least_recently_used_key_past_its_capacity() -> None:
@@ -637,9 +629,7 @@ async def test_a_browser_may_send_the_key_across_origins(
 async def test_the_console_sends_a_fresh_key_with_each_click(
     postgres: TestPostgres, lang: tuple[ServiceProcess, str]
 ) -> None:
-    executable = chromium_executable()
-    if executable is None:
-        pytest.skip(NO_CHROMIUM)
+    executable = require_chromium()
     web_port = free_port()
     database = postgres.fresh_database("idem_console")
     env = {**gateway_env(lang[0], database), "CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{web_port}"}

@@ -13,14 +13,15 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.support.commands import BIN, run
-from tests.test_up import PORTS, UpProcess, _port_free, microapp_up
+from tests.support.ports import port_is_free
+from tests.test_up import PORTS, UpProcess, microapp_up
 
 RATE = 40.0
 
 
 @pytest.fixture(scope="module")
 async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[UpProcess]:
-    busy = [f"{name}:{port}" for name, port in PORTS.items() if not _port_free(port)]
+    busy = [f"{name}:{port}" for name, port in PORTS.items() if not port_is_free(port)]
     assert not busy, f"these default ports are taken before the test: {busy}"
     async with microapp_up(tmp_path_factory.mktemp("up"), "--no-db", "--load", "5") as up:
         await up.read_until("Press Ctrl-C")

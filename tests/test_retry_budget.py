@@ -7,16 +7,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from microapp.platform.retry_budget import RetryBudget, RetryBudgetSnapshot
+from tests.support.clock import FakeClock
 
 T = TypeVar("T")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
+# The refill arithmetic is float: the steps below add up exactly from this start.
+START = 500.0
 
 
 def drain(budget: RetryBudget) -> int:
@@ -27,20 +22,20 @@ def drain(budget: RetryBudget) -> int:
 
 
 def test_a_new_budget_holds_its_capacity() -> None:
-    budget = RetryBudget(20, 10.0, clock=FakeClock())
+    budget = RetryBudget(20, 10.0, clock=FakeClock(START))
     assert budget.tokens == 20
     assert drain(budget) == 20
 
 
 def test_an_empty_budget_refuses_without_waiting() -> None:
-    budget = RetryBudget(20, 10.0, clock=FakeClock())
+    budget = RetryBudget(20, 10.0, clock=FakeClock(START))
     drain(budget)
     assert budget.try_acquire() is False
     assert budget.tokens == 0
 
 
 def test_tokens_refill_at_the_rate() -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     budget = RetryBudget(20, 10.0, clock=clock)
     drain(budget)
     clock.now += 0.35
@@ -50,7 +45,7 @@ def test_tokens_refill_at_the_rate() -> None:
 
 
 def test_refill_never_exceeds_capacity() -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     budget = RetryBudget(20, 10.0, clock=clock)
     drain(budget)
     clock.now += 3600
@@ -59,7 +54,7 @@ def test_refill_never_exceeds_capacity() -> None:
 
 
 def test_acquired_over_time_is_bounded_by_capacity_plus_refill() -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     budget = RetryBudget(20, 10.0, clock=clock)
     taken = 0
     for _ in range(3000):  # 3 s of very eager retriers, one try per millisecond
@@ -70,7 +65,7 @@ def test_acquired_over_time_is_bounded_by_capacity_plus_refill() -> None:
 
 
 def test_zero_capacity_never_retries() -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     budget = RetryBudget(0, 10.0, clock=clock)
     clock.now += 10
     assert budget.try_acquire() is False
@@ -86,7 +81,7 @@ def in_thread(read: Callable[[], T]) -> T:
 
 
 def test_a_snapshot_counts_the_refill_without_storing_it() -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     budget = RetryBudget(20, 10.0, clock=clock)
     drain(budget)
     stored = budget._bucket
@@ -99,7 +94,7 @@ def test_a_snapshot_counts_the_refill_without_storing_it() -> None:
 def test_snapshots_from_another_thread_leave_what_is_acquired_unchanged() -> None:
     # The same steps as test_tokens_refill_at_the_rate, with snapshots taken between
     # them: the tokens acquired are exactly the same.
-    clock = FakeClock()
+    clock = FakeClock(START)
     budget = RetryBudget(20, 10.0, clock=clock)
     drain(budget)
     clock.now += 0.35
@@ -112,7 +107,7 @@ def test_snapshots_from_another_thread_leave_what_is_acquired_unchanged() -> Non
 
 
 def test_a_snapshot_never_reads_more_than_capacity() -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     budget = RetryBudget(20, 10.0, clock=clock)
     clock.now += 3600
     assert in_thread(budget.snapshot) == RetryBudgetSnapshot(tokens=20.0, capacity=20)

@@ -21,25 +21,16 @@ from microapp.gen.gateway.v1.gateway_pb2 import InvokeCustomRequest
 from microapp.gen.greeter.v1.greeter_connect import GreeterServiceClient
 from microapp.gen.greeter.v1.greeter_pb2 import GreetRequest
 from microapp.services import SERVICES
+from tests.support.ports import port_is_free
 from tests.support.postgres import query
 
 PORTS = {name: spec.default_port for name, spec in SERVICES.items()}
 START_TIMEOUT_S = 120.0
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server would bind
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.fixture(autouse=True)
 def default_ports_free() -> None:
-    busy = [f"{name}:{port}" for name, port in PORTS.items() if not _port_free(port)]
+    busy = [f"{name}:{port}" for name, port in PORTS.items() if not port_is_free(port)]
     assert not busy, f"these default ports are taken before the test: {busy}"
 
 
@@ -171,7 +162,7 @@ async def test_up_runs_the_whole_system_on_an_embedded_database(tmp_path: Path) 
     assert "PostgreSQL stopped" in up.text()
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not _postgres_processes(data_dir)
-    assert all(_port_free(port) for port in PORTS.values())
+    assert all(port_is_free(port) for port in PORTS.values())
 
 
 async def test_up_without_a_database_serves_every_call(tmp_path: Path) -> None:
@@ -183,7 +174,7 @@ async def test_up_without_a_database_serves_every_call(tmp_path: Path) -> None:
         await _login_and_verify(up, "anyone@example.com")  # --no-db sets AUTH_DEV_MODE=1
         up.process.send_signal(signal.SIGINT)
         assert await up.finish() == 0, up.text()
-    assert all(_port_free(port) for port in PORTS.values())
+    assert all(port_is_free(port) for port in PORTS.values())
 
 
 async def test_a_taken_port_is_named_and_nothing_is_left_running(tmp_path: Path) -> None:
@@ -196,7 +187,7 @@ async def test_a_taken_port_is_named_and_nothing_is_left_running(tmp_path: Path)
         assert code == 1
         assert f"port {PORTS['caller']} (caller)" in up.text()
         others = [port for name, port in PORTS.items() if name != "caller"]
-        assert all(_port_free(port) for port in others)
+        assert all(port_is_free(port) for port in others)
     assert not _postgres_processes(tmp_path / ".microapp" / "postgres")
 
 

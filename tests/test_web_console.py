@@ -24,14 +24,14 @@ from playwright.async_api import Browser, BrowserContext, Page, Request, async_p
 from tests.support.browser import (
     ARTIFACTS,
     CHROMIUM_ARGS,
-    NO_CHROMIUM,
     ROOT,
     ServiceGroup,
-    chromium_executable,
+    require_chromium,
     service_on_port,
 )
 from tests.support.commands import BIN
 from tests.support.external import ExternalServer
+from tests.support.node import require_node
 from tests.support.polling import eventually
 from tests.support.ports import free_port
 from tests.support.postgres import TestPostgres
@@ -41,7 +41,8 @@ EXTERNAL_BODY = 4321
 PASSWORD = "correct horse battery"
 SPECIAL_NAMES = ["unauthorized", "forbidden", "notfound", "conflict", "ratelimit", "unavailable"]
 
-requires_chromium = pytest.mark.skipif(chromium_executable() is None, reason=NO_CHROMIUM)
+# Skips without a Chromium, fails under CI=true (the `chromium` fixture in conftest.py).
+requires_chromium = pytest.mark.usefixtures("chromium")
 
 
 @dataclass
@@ -104,9 +105,7 @@ async def stack(
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    executable = chromium_executable()
-    if executable is None:
-        pytest.skip(NO_CHROMIUM)
+    executable = require_chromium()
     async with async_playwright() as playwright:
         chromium = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield chromium
@@ -690,15 +689,13 @@ async def test_console_sends_its_token_for_the_breaker_of_a_gateway_that_require
 # --- the committed build is what `make web` makes ----------------------------------------
 
 NODE_MODULES = ROOT / "web" / "node_modules"
-needs_node_modules = pytest.mark.skipif(
-    not (NODE_MODULES / ".bin" / "protoc-gen-es").exists() or shutil.which("node") is None,
-    reason="web/node_modules is not installed (`make web` runs npm ci); the console itself "
-    "needs no Node.js, only rebuilding it does",
-)
 
 
-@needs_node_modules
 async def test_committed_bundle_is_what_make_web_builds(tmp_path: Path) -> None:
+    require_node(
+        NODE_MODULES / ".bin" / "protoc-gen-es",
+        hint="`make web` runs npm ci; the console itself needs no Node.js, only rebuilding it does",
+    )
     # As `make web` does, in a copy: generate the TypeScript from proto/ (it is not
     # committed: all committed generated code lives under src/microapp/gen/), then bundle.
     for name in ("buf.yaml", "buf.gen.web.yaml"):

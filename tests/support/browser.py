@@ -1,7 +1,7 @@
 """The web console in a real Chromium: Debian's browser driven by Playwright's async API.
 
 No browser is ever downloaded: the tests use `/usr/bin/chromium` (or `$MICROAPP_CHROMIUM`)
-and skip, saying so, only where there is none.
+and skip, saying so, only where there is none; under `CI=true` they fail instead.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from tests.support.ci import missing
 from tests.support.services import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -29,10 +30,15 @@ CHROMIUM_ARGS = [
 ]
 
 
-def chromium_executable() -> str | None:
-    """Debian's Chromium (or `$MICROAPP_CHROMIUM`), if this machine has one."""
+def chromium_candidates() -> list[str]:
+    """Where a Chromium may be, in order of preference."""
     wanted = os.environ.get("MICROAPP_CHROMIUM", "").strip()
-    for candidate in (wanted, "/usr/bin/chromium", shutil.which("chromium") or ""):
+    return [wanted, "/usr/bin/chromium", shutil.which("chromium") or ""]
+
+
+def chromium_executable(candidates: Sequence[str] | None = None) -> str | None:
+    """Debian's Chromium (or `$MICROAPP_CHROMIUM`), if this machine has one."""
+    for candidate in chromium_candidates() if candidates is None else candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -42,6 +48,16 @@ NO_CHROMIUM = (
     "no Chromium on this machine: the web console tests drive Debian's /usr/bin/chromium "
     "(`apt-get install chromium`, which .ci/run does when it is missing) or $MICROAPP_CHROMIUM"
 )
+
+
+def require_chromium(
+    candidates: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> str:
+    """The Chromium to drive; skips the test without one (fails it under `CI=true`)."""
+    executable = chromium_executable(candidates)
+    if executable is None:
+        missing(NO_CHROMIUM, env=env)
+    return executable
 
 
 def service_on_port(name: str, port: int, env: Mapping[str, str] | None = None) -> ServiceProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +19,15 @@ class Completed:
     stderr: str
 
 
-async def run(*args: str, timeout: float = 60.0) -> Completed:
-    """Run a command to completion, asynchronously."""
+async def run(
+    *args: str,
+    timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> Completed:
+    """Run a command to completion, asynchronously (in this environment unless `env`)."""
     proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd
     )
     try:
         async with asyncio.timeout(timeout):

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.support.environment import SERVICE_VARIABLES
 from tests.support.ports import free_port
 
-# Never leak the developer's own service settings into a test's service.
-_SERVICE_VARIABLES = {"DATABASE_URL", "PORT", "HOST", "OTEL_EXPORTER_OTLP_ENDPOINT"}
+# Never leak the developer's own service settings into a test's service (conftest.py
+# clears them for the session too; this holds for a ServiceProcess made outside it).
+_SERVICE_VARIABLES = SERVICE_VARIABLES
 # Test targets live on loopback, which caller refuses by default; a test of that refusal
 # passes CALLER_ALLOW_PRIVATE_NETWORKS=0 in its own env.
 _TEST_DEFAULTS = {"caller": {"CALLER_ALLOW_PRIVATE_NETWORKS": "1"}}
