@@ -40,9 +40,11 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from microapp.gen.auth.v1 import auth_pb2
+from microapp.gen.auth.v1.auth_connect import AuthServiceClient
 from microapp.gen.caller.v1 import caller_pb2
 from microapp.gen.customlang.v1 import customlang_pb2
 from microapp.gen.gateway.v1 import gateway_pb2
+from microapp.gen.gateway.v1.gateway_connect import GatewayServiceClient
 from microapp.gen.greeter.v1 import greeter_pb2
 from microapp.serving import SERVER_CHOICES
 from tests.support.commands import BIN, run
@@ -76,7 +78,7 @@ EXTERNAL_SIZE = 7  # bytes the external target sends the caller (and so the gree
 class Rpc:
     """One unary method: where it lives and its message types."""
 
-    target: str  # key of Stack.urls
+    target: str  # key of Stack.services
     service: str
     method: str
     request: type[Message]
@@ -105,6 +107,7 @@ GREET = Rpc(
     "greeter", "greeter.v1.GreeterService", "Greet",
     greeter_pb2.GreetRequest, greeter_pb2.GreetResponse,
 )  # fmt: skip
+SLOW_GREET = replace(GREET, target="greeter-slow")
 LOGIN = Rpc("auth", "auth.v1.AuthService", "Login", auth_pb2.LoginRequest, auth_pb2.LoginResponse)
 VERIFY = Rpc(
     "auth", "auth.v1.AuthService", "Verify", auth_pb2.VerifyRequest, auth_pb2.VerifyResponse
@@ -237,17 +240,12 @@ class Stack:
     token: str
     external_url: str
 
-    @property
-    def urls(self) -> dict[str, str]:
-        return {name: svc.url for name, svc in self.services.items()}
-
     def url(self, rpc: Rpc) -> str:
         return self.services[rpc.target].url
 
 
 async def _login(auth_url: str) -> str:
-    from microapp.gen.auth.v1.auth_connect import AuthServiceClient
-
+    """A token from auth (development mode logs any well-formed email in)."""
     async with AuthServiceClient(auth_url) as client:
         response = await client.login(auth_pb2.LoginRequest(email="ada@example.org", password="x"))
     return response.token
@@ -255,8 +253,6 @@ async def _login(auth_url: str) -> str:
 
 async def _open_the_breaker(gateway_url: str) -> None:
     """One refused connection opens this gateway's breaker (one failure) for the module."""
-    from microapp.gen.gateway.v1.gateway_connect import GatewayServiceClient
-
     async with GatewayServiceClient(gateway_url) as client:
         with pytest.raises(ConnectError) as refused:
             await client.invoke_custom(gateway_pb2.InvokeCustomRequest(name="Ada"))
@@ -318,6 +314,11 @@ async def stack(
                     "CALLER_BASE_URL": caller.url,
                     "EXTERNAL_API_URL": external.url(size=EXTERNAL_SIZE),
                 },
+            ),
+            # Greets after asking caller to fetch a target that never answers.
+            "greeter-slow": ServiceProcess(
+                "greeter",
+                {**on, "CALLER_BASE_URL": caller.url, "EXTERNAL_API_URL": hanging.url},
             ),
         }
         try:
@@ -832,6 +833,41 @@ async def test_a_client_deadline_is_deadline_exceeded_and_the_server_stops_the_w
     codes = Counter(line["code"] for line in ended)
     assert codes["unimplemented"] == calls - fetches, ended
     assert codes["canceled"] + codes["deadline_exceeded"] == fetches, ended
+
+
+async def test_a_client_deadline_on_greeter_stops_the_fetch_of_the_caller_it_called(
+    stack: Stack, descriptor_set: Path, tmp_path: Path
+) -> None:
+    """greeter → caller → a target that never answers; the client gives up after 0.5 s,
+    well before greeter's own 2 s deadline for caller. The work stops down the chain:
+    greeter's call ends, caller's call ends, and the target sees the fetch hang up."""
+    case = Case(
+        "greeter deadline", SLOW_GREET, {"name": "Ada"}, code="deadline_exceeded", timeout_ms=500
+    )
+    greeter, caller = stack.services["greeter-slow"], stack.services["caller"]
+    accepted = stack.hanging.accepted
+    greets = len(_access_lines(greeter, GREET.path))
+    fetches = len(_access_lines(caller, CALL_EXTERNAL.path))
+    variant = NodeVariant("connect", "1.1", binary=False)
+    [[node_result]] = await run_node(descriptor_set, [variant.call(stack, case)], tmp_path)
+    [grpcio_expected] = expected_for([case], stack.server, "grpc")
+    [grpcio_result] = await GrpcioClient().call_all(stack, [case])
+    problems = mismatches([case], [node_result], f"{stack.server} {variant.label}")
+    problems += mismatches([grpcio_expected], [grpcio_result], f"{stack.server} grpcio")
+    assert problems == []
+    calls = 1 if grpcio_expected.code == "unimplemented" else 2
+    await eventually(lambda: stack.hanging.accepted - accepted == calls)
+    await eventually(lambda: stack.hanging.open == 0)
+    ended = await eventually(
+        lambda: len(new := _access_lines(caller, CALL_EXTERNAL.path)[fetches:]) >= calls and new
+    )
+    greeted = await eventually(
+        lambda: len(new := _access_lines(greeter, GREET.path)[greets:]) >= 2 and new
+    )
+    # Cancelled at 0.5 s, not ended by greeter's own 2 s deadline (deadline_exceeded).
+    assert [line["code"] for line in ended] == ["canceled"] * calls, ended
+    codes = Counter(line["code"] for line in greeted)
+    assert codes["canceled"] + codes["deadline_exceeded"] == calls, greeted
 
 
 async def test_200_concurrent_grpcio_calls_on_one_channel_all_succeed(stack: Stack) -> None:
