@@ -8,7 +8,6 @@ routes real service processes. What needs a Docker host is listed in docs/deploy
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import importlib.util
 import json
@@ -31,9 +30,12 @@ import yaml
 from packaging.specifiers import SpecifierSet
 
 from microapp.devdb import EmbeddedPostgres, with_database
+from microapp.platform.config import env_names
+from microapp.platform.config import variable as setting_variable
 from microapp.platform.db import migrate
 from microapp.platform.migrations import load_migrations
-from microapp.services import SERVICES, ServiceSpec
+from microapp.platform.server import HttpLimits
+from microapp.services import SERVICES, ServiceSpec, variables_read
 from microapp.serving import OPTIONAL_SERVERS, SERVER_CHOICES
 from tests.support.commands import BIN, run
 from tests.support.external import ExternalServer
@@ -252,6 +254,37 @@ def test_compose_service_health_check_asks_its_own_healthz(name: str) -> None:
     check = compose()["services"][name]["healthcheck"]
     command = " ".join(check["test"])
     assert f"http://127.0.0.1:{SERVICES[name].default_port}/healthz" in command
+
+
+def service_calls() -> set[tuple[str, str, str]]:
+    """(caller, callee, variable) for every call a service itself makes, from the registry;
+    the browser's calls go through Traefik's one origin instead."""
+    return {
+        (spec.name, call.service, call.variable)
+        for spec in SERVICES.values()
+        for call in spec.calls
+        if not call.browser
+    }
+
+
+_SERVICE_HOST_URL = re.compile(r"//([a-z][a-z0-9-]*):(\d+)")
+
+
+def test_compose_wires_every_call_the_registry_declares() -> None:
+    services = compose()["services"]
+    for caller, callee, variable in service_calls():
+        [call] = [c for c in SERVICES[caller].calls if c.variable == variable]
+        expected = f"http://{callee}:{SERVICES[callee].default_port}{call.path}"
+        assert env_of(services[caller]).get(variable) == expected, (caller, variable)
+
+
+def test_compose_points_services_only_at_the_services_the_registry_says_they_call() -> None:
+    declared = {(caller, callee) for caller, callee, _ in service_calls()}
+    for name in SERVICES:
+        for value in env_of(compose()["services"][name]).values():
+            for host, _ in _SERVICE_HOST_URL.findall(value):
+                if host in SERVICES:
+                    assert (name, host) in declared, f"{name} names {host}: {value}"
 
 
 def test_postgres_init_creates_every_registry_database() -> None:
@@ -950,125 +983,47 @@ def test_dockerignore_lets_in_only_what_the_build_copies() -> None:
 
 # --- docs/configuration.md -------------------------------------------------------------
 
-_VARIABLE = re.compile(r"[A-Z][A-Z0-9_]*")
-
-
-def _is_environment(node: ast.expr) -> bool:
-    """`env`, `environ` or `os.environ`: what the code reads its settings from."""
-    return (isinstance(node, ast.Name) and node.id in {"env", "environ"}) or (
-        isinstance(node, ast.Attribute) and node.attr == "environ"
-    )
-
-
-def _variable(node: ast.expr | None) -> str | None:
-    is_text = isinstance(node, ast.Constant) and isinstance(node.value, str)
-    if is_text and _VARIABLE.fullmatch(node.value):  # type: ignore[union-attr]
-        return node.value  # type: ignore[union-attr]
-    return None
-
-
-def variables_read_by(source: str) -> set[str]:
-    """The env variable names a module reads: `env.get("X")`, `env["X"]`, `getenv("X")`,
-    any `helper(env, "X", ...)` (env_str, env_int, ...), and the names kept in a
-    module-level `*_VARIABLES` mapping that a helper reads."""
-    names: set[str] = set()
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        found: list[str | None] = []
-        if isinstance(node, ast.Call):
-            func = node.func
-            if (
-                isinstance(func, ast.Attribute)
-                and func.attr == "get"
-                and _is_environment(func.value)
-            ):
-                found.append(_variable(node.args[0] if node.args else None))
-            if (
-                isinstance(func, ast.Attribute | ast.Name)
-                and getattr(func, "attr", getattr(func, "id", "")) == "getenv"
-            ):
-                found.append(_variable(node.args[0] if node.args else None))
-            if len(node.args) >= 2 and _is_environment(node.args[0]):
-                found.append(_variable(node.args[1]))
-        elif isinstance(node, ast.Subscript) and _is_environment(node.value):
-            found.append(_variable(node.slice))
-        names |= {name for name in found if name}
-    for statement in tree.body:
-        if isinstance(statement, ast.Assign | ast.AnnAssign):
-            targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
-            if any(isinstance(t, ast.Name) and t.id.endswith("_VARIABLES") for t in targets):
-                assert statement.value is not None
-                names |= {n for c in ast.walk(statement.value) if (n := _variable(c))}  # type: ignore[arg-type]
-    return names
-
-
-def variables_in_source() -> dict[str, set[str]]:
-    """Every env variable src/microapp reads by name, with the files that read it."""
-    found: dict[str, set[str]] = {}
-    package = ROOT / "src" / "microapp"
-    for path in sorted(package.rglob("*.py")):
-        if path.relative_to(package).parts[0] == "gen":
-            continue
-        for name in variables_read_by(path.read_text()):
-            found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
-    return found
-
 
 def documented_variables() -> set[str]:
     """The first column of every table row in docs/configuration.md."""
     return set(re.findall(r"^\|\s*`([A-Z][A-Z0-9_]*)`\s*\|", CONFIGURATION_DOC.read_text(), re.M))
 
 
-class RecordingEnv(dict[str, str]):
-    """An environment that remembers every name a service's settings look up."""
-
-    def __init__(self, preset: dict[str, str]) -> None:
-        super().__init__(preset)
-        self.asked: set[str] = set()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.asked.add(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key: str) -> str:
-        self.asked.add(key)
-        return super().__getitem__(key)
-
-    def __contains__(self, key: object) -> bool:
-        if isinstance(key, str):
-            self.asked.add(key)
-        return super().__contains__(key)
+def settings_variables() -> set[str]:
+    """Every variable a settings model reads: the registry's services' and the server's."""
+    return {*variables_read(SERVICES), *env_names(HttpLimits)}
 
 
-def test_every_env_variable_the_code_reads_is_documented() -> None:
-    missing = {n: sorted(f) for n, f in variables_in_source().items()}
-    missing = {n: f for n, f in missing.items() if n not in documented_variables()}
-    assert not missing, f"add these to docs/configuration.md: {missing}"
+# Variables read outside the settings models, each by one small function:
+READ_OUTSIDE_MODELS = {
+    # serving.py: which server `microapp serve`/`up` run, and the service Envoy's Python builds.
+    "MICROAPP_SERVER",
+    "MICROAPP_SERVICE",
+    # up.py: the colours of `microapp up`'s table.
+    "NO_COLOR",
+    # Read by the OpenTelemetry SDK itself (telemetry.py passes them on untouched).
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_LOGS_EXPORTER",
+}
 
 
-@pytest.mark.parametrize("name", list(SERVICES))
-def test_every_env_variable_a_service_reads_at_startup_is_documented(
-    name: str, tmp_path: Path
-) -> None:
-    env = RecordingEnv({"AUTH_DEV_KEY_DIR": str(tmp_path)})
-    SERVICES[name].build(env)
-    assert env.asked - documented_variables() == set()
+def test_every_variable_a_settings_model_reads_is_documented() -> None:
+    missing = settings_variables() - documented_variables()
+    assert not missing, f"add these to docs/configuration.md: {sorted(missing)}"
 
 
-def test_the_source_scan_finds_the_variables_services_read_at_startup(tmp_path: Path) -> None:
-    # The scan above must see at least what the services really ask for.
-    scanned = set(variables_in_source())
-    for spec in SERVICES.values():
-        env = RecordingEnv({"AUTH_DEV_KEY_DIR": str(tmp_path)})
-        spec.build(env)
-        assert env.asked <= scanned, spec.name
+def test_every_documented_variable_is_read_by_a_settings_model_or_listed() -> None:
+    stale = documented_variables() - settings_variables() - READ_OUTSIDE_MODELS
+    assert not stale, f"no settings model reads these: {sorted(stale)}"
 
 
-def test_configuration_doc_lists_no_variable_the_code_does_not_read() -> None:
-    # Standard OpenTelemetry SDK variables are read by the SDK, not by our code.
-    stale = {
-        name
-        for name in documented_variables() - set(variables_in_source())
-        if not name.startswith("OTEL_")
-    }
-    assert not stale
+def test_variables_read_outside_the_models_are_documented() -> None:
+    assert documented_variables() >= READ_OUTSIDE_MODELS
+
+
+def test_the_settings_check_sees_a_field_added_to_a_model() -> None:
+    # The check above must be able to fail: a new field's variable is one more to document.
+    class Extended(SERVICES["greeter"].settings):  # type: ignore[misc,name-defined]
+        shiny: int = setting_variable("GREETER_SHINY_NEW_SETTING", 1)
+
+    assert "GREETER_SHINY_NEW_SETTING" in set(env_names(Extended)) - documented_variables()

@@ -46,6 +46,7 @@ from tests.test_compose import (
     reaches,
     read_init_script,
     served_paths,
+    service_calls,
     traefik_dynamic,
     traefik_static,
 )
@@ -384,7 +385,7 @@ def test_grace_period_outlasts_the_pre_stop_pause_and_the_drain(
     assert pause[0] == "sleep"
     # In-flight requests get Hypercorn's graceful timeout, then the caller's queue drains.
     drain = ServerOptions("0.0.0.0", 0).graceful_timeout
-    drain += CallerSettings(common=None).write_drain_timeout_s  # type: ignore[arg-type]
+    drain += CallerSettings().write_drain_timeout_s
     assert pod["terminationGracePeriodSeconds"] > int(pause[1]) + drain
 
 
@@ -800,6 +801,32 @@ def test_network_policies_allow_exactly_the_call_graph(
     overlay: str, rendered: dict[str, list[dict[str, Any]]]
 ) -> None:
     assert allowed_connections(rendered[overlay]) == call_graph(rendered[overlay])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_to_service_calls_in_the_manifests_are_the_registrys(
+    overlay: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    between_services = {
+        (src, dst)
+        for src, dst, _, _ in call_graph(rendered[overlay])
+        if {src, dst} <= set(SERVICES)
+    }
+    assert between_services == {(caller, callee) for caller, callee, _ in service_calls()}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_call_the_registry_declares_is_wired_in_the_pods(
+    overlay: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    for caller, callee, variable in service_calls():
+        [call] = [c for c in SERVICES[caller].calls if c.variable == variable]
+        url = urlsplit(pod_env(rendered[overlay], caller)[variable])
+        assert (str(url.hostname).split(".")[0], url.port, url.path) == (
+            callee,
+            SERVICES[callee].default_port,
+            call.path,
+        ), (caller, variable)
 
 
 def test_call_graph_from_the_manifests_is_the_one_in_the_architecture_doc(

@@ -8,14 +8,14 @@ import errno
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from microapp import load
 from microapp.platform.config import ConfigError
 from microapp.platform.db import migrate
 from microapp.platform.migrations import load_migrations
 from microapp.platform.server import ServerOptions, bind_listener, run, run_workers
-from microapp.services import SERVICES
+from microapp.services import SERVICES, ServiceSpec
 from microapp.serving import (
     SERVER_CHOICES,
     SERVER_VARIABLE,
@@ -28,8 +28,8 @@ from microapp.serving import (
 logger = logging.getLogger("microapp.cli")
 
 
-def _parser() -> argparse.ArgumentParser:
-    names = ", ".join(SERVICES)
+def _parser(services: Mapping[str, ServiceSpec]) -> argparse.ArgumentParser:
+    names = ", ".join(services)
     parser = argparse.ArgumentParser(
         prog="microapp",
         description="Cooperating Connect-protocol microservices on one ASGI stack.",
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run one service (HTTP/1.1 and h2c on one port)",
         description=f"Run one service with Hypercorn. Services: {names}.",
     )
-    serve.add_argument("service", choices=list(SERVICES), metavar="SERVICE", help=names)
+    serve.add_argument("service", choices=list(services), metavar="SERVICE", help=names)
     serve.add_argument("--host", help="address to listen on (default: $HOST or 0.0.0.0)")
     serve.add_argument(
         "--port", type=int, help="port to listen on (default: $PORT or the service's)"
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     mig.add_argument(
         "service",
-        choices=[n for n, s in SERVICES.items() if s.migrations_package],
+        choices=[n for n, s in services.items() if s.migrations_package],
         metavar="SERVICE",
         help=names,
     )
@@ -122,7 +122,7 @@ def _server_problem(server: str) -> str | None:
     return missing_server_message(server)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, services: Mapping[str, ServiceSpec]) -> int:
     name = args.service
     problem = _server_problem(args.server)
     if problem:
@@ -141,7 +141,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         env["PORT"] = str(args.port)
     try:
-        built = prepare_service(name, env)
+        # Every setting (LOG_LEVEL included) is checked before logging is set up with it.
+        services[name].read_settings(env)
+        built = prepare_service(name, env, services)
     except ConfigError as exc:
         print(f"microapp serve {name}: {exc}", file=sys.stderr)
         return 2
@@ -198,8 +200,8 @@ def _serve_with_pyvoy(name: str, env: dict[str, str], host: str, port: int) -> i
         return 1
 
 
-def _migrate(args: argparse.Namespace) -> int:
-    spec = SERVICES[args.service]
+def _migrate(args: argparse.Namespace, services: Mapping[str, ServiceSpec]) -> int:
+    spec = services[args.service]
     url = args.database_url or os.environ.get("DATABASE_URL", "").strip()
     if not url:
         print("microapp migrate: set DATABASE_URL or pass --database-url", file=sys.stderr)
@@ -217,13 +219,13 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `microapp` command."""
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, services: Mapping[str, ServiceSpec] = SERVICES) -> int:
+    """Entry point of the `microapp` command; `services` is the registry it serves from."""
+    args = _parser(services).parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        return _serve(args, services)
     if args.command == "migrate":
-        return _migrate(args)
+        return _migrate(args, services)
     if args.command == "load":
         from microapp.load import run_load
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from microapp.platform.logging import configure_logging
 from microapp.platform.telemetry import configure_telemetry
-from microapp.services import SERVICES, BuiltService
+from microapp.services import SERVICES, BuiltService, ServiceSpec
 
 # `--server` choices; Hypercorn is the default everywhere (docs/configuration.md).
 SERVER_CHOICES = ("hypercorn", "granian", "pyvoy")
@@ -18,12 +18,15 @@ OPTIONAL_SERVERS = ("granian", "pyvoy")
 SERVICE_VARIABLE = "MICROAPP_SERVICE"
 
 
-def prepare_service(name: str, env: Mapping[str, str]) -> BuiltService:
-    """Configure logging and telemetry for service `name`, then build its app from `env`.
+def prepare_service(
+    name: str, env: Mapping[str, str], services: Mapping[str, ServiceSpec] = SERVICES
+) -> BuiltService:
+    """Configure logging and telemetry for service `name` of `services` (the registry), then
+    build its app from `env`.
 
     Raises `ConfigError` when a setting is unusable.
     """
-    spec = SERVICES[name]
+    spec = services[name]
     service_name = env.get("OTEL_SERVICE_NAME") or spec.otel_service_name
     configure_logging(service_name, level=env.get("LOG_LEVEL", "INFO"))
     # Before the app is built: the instrumentations hook into clients made from here on.

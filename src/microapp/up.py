@@ -150,30 +150,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def wiring_env(ports: Mapping[str, int], external_url: str) -> dict[str, str]:
-    """How the services find each other on this machine (each reads what it needs)."""
+def wiring_env(
+    ports: Mapping[str, int],
+    external_url: str,
+    services: Mapping[str, ServiceSpec] = SERVICES,
+) -> dict[str, str]:
+    """How the services find each other on this machine (each reads what it needs).
 
-    def url(name: str) -> str:
-        return f"http://{HOST}:{ports[name]}" if name in ports else ""
-
+    Every call the registry declares is wired to its callee's port, except those only
+    needed behind a proxy: here the browser reaches every service itself.
+    """
     env = {
-        "CALLER_BASE_URL": url("caller"),
-        # The local external target (and anything a developer tries) is on this machine.
-        "CALLER_ALLOW_PRIVATE_NETWORKS": "1" if "caller" in ports else "",
-        "CUSTOM_LANG_BASE_URL": url("custom-lang"),
-        "EXTERNAL_API_URL": external_url,
+        call.variable: f"http://{HOST}:{ports[call.service]}{call.path}"
+        for spec in services.values()
+        if spec.name in ports
+        for call in spec.calls
+        if call.service in ports and not call.proxied
     }
-    if "auth" in ports:
-        env["AUTH_JWKS_URL"] = url("auth") + "/.well-known/jwks.json"
-    if "web" in ports:
-        # The console runs on its own origin and calls the services' ports directly.
-        origins = [f"http://{HOST}:{ports['web']}", f"http://localhost:{ports['web']}"]
+    # greeter's target: the local external page (and anything a developer tries) is on
+    # this machine, which caller refuses unless private networks are allowed.
+    env["EXTERNAL_API_URL"] = external_url
+    if "caller" in ports:
+        env["CALLER_ALLOW_PRIVATE_NETWORKS"] = "1"
+    browser_pages = [spec.name for spec in services.values() if any(c.browser for c in spec.calls)]
+    # The console runs on its own origin and calls the services' ports directly.
+    origins = [
+        f"http://{host}:{ports[name]}"
+        for name in browser_pages
+        if name in ports
+        for host in (HOST, "localhost")
+    ]
+    if origins:
         env["CORS_ALLOWED_ORIGINS"] = ",".join(origins)
-        env["WEB_GREETER_BASE_URL"] = url("greeter")
-        env["WEB_GATEWAY_BASE_URL"] = url("gateway")
-        env["WEB_AUTH_BASE_URL"] = url("auth")
-        if "gateway" in ports:
-            env["WEB_BREAKER_URL"] = url("gateway") + "/debug/breaker"
     return {k: v for k, v in env.items() if v}
 
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
 
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 from opentelemetry import context as otel_context
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from microapp.platform.config import env_bool
 
 logger = logging.getLogger("microapp.access")
 
@@ -40,11 +38,6 @@ _GRPC_CODES = (
 )  # fmt: skip
 # A Connect error body is small JSON; read at most this much of it for its code.
 _ERROR_BODY_LIMIT = 4096
-
-
-def access_log_enabled(env: Mapping[str, str]) -> bool:
-    """`ACCESS_LOG`: on unless set to 0/false/no/off."""
-    return env_bool(env, "ACCESS_LOG", True)
 
 
 class _Call:

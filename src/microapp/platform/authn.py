@@ -15,7 +15,6 @@ import contextlib
 import contextvars
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -32,7 +31,7 @@ from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
-from microapp.platform.config import CommonSettings, ConfigError, env_float
+from microapp.platform.config import CommonSettings, ConfigError
 from microapp.platform.rest import json_error
 
 if TYPE_CHECKING:
@@ -168,12 +167,6 @@ def parse_jwks(document: object) -> dict[str, Key]:
         except ValueError as exc:
             logger.warning("skipping JWKS key", extra={"kid": entry["kid"], "error": str(exc)})
     return keys
-
-
-def jwks_ttl_s(env: Mapping[str, str] | None = None) -> float:
-    """`AUTH_JWKS_TTL_S`: seconds the fetched keys are kept before they are fetched again."""
-    env = os.environ if env is None else env
-    return env_float(env, "AUTH_JWKS_TTL_S", DEFAULT_JWKS_TTL_S, minimum=1.0)
 
 
 class JwksClient:
@@ -366,9 +359,7 @@ def with_token_check(settings: CommonSettings, parts: ServiceParts) -> ServicePa
     """
     if not settings.auth_jwks_url:
         raise ConfigError("AUTH_REQUIRED=1 needs AUTH_JWKS_URL (the auth service's JWKS URL)")
-    # AUTH_JWKS_TTL_S belongs with AUTH_JWKS_URL; it is read here because CommonSettings
-    # does not carry it (yet).
-    jwks = JwksClient(settings.auth_jwks_url, ttl_s=jwks_ttl_s())
+    jwks = JwksClient(settings.auth_jwks_url, ttl_s=settings.auth_jwks_ttl_s)
     logger.info("bearer tokens required", extra={"jwks_url": jwks.url, "ttl_s": jwks.ttl_s})
     return replace(
         parts,

@@ -15,14 +15,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import re
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Protocol
 
-from microapp.platform.config import env_bool, env_int
+# Defined with the other settings models; imported from here too.
+from microapp.platform.config import CoalesceSettings as CoalesceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -30,23 +29,6 @@ Row = Sequence[Any]
 
 # `INSERT INTO t (a, b) VALUES (%s, %s)`: everything up to the row, then the row itself.
 _VALUES = re.compile(r"^(?P<head>.*\bVALUES\s*)(?P<row>\([^()]*\))\s*;?\s*$", re.I | re.S)
-
-
-@dataclass(frozen=True)
-class CoalesceSettings:
-    """Whether synchronous writes are coalesced, and the largest batch one flush commits."""
-
-    enabled: bool = True
-    max_batch: int = 100
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> CoalesceSettings:
-        """Read `DB_COALESCE` and `DB_COALESCE_MAX_BATCH`."""
-        env = os.environ if env is None else env
-        return cls(
-            enabled=env_bool(env, "DB_COALESCE", True),
-            max_batch=env_int(env, "DB_COALESCE_MAX_BATCH", 100, minimum=1),
-        )
 
 
 class StatementRunner(Protocol):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,7 +23,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from microapp.platform.accesslog import AccessLog, AccessLogInterceptor, access_log_enabled
+from microapp.platform.accesslog import AccessLog, AccessLogInterceptor
 from microapp.platform.authn import with_token_check
 from microapp.platform.config import CommonSettings
 from microapp.platform.db import Database
@@ -92,7 +91,7 @@ class ServiceParts:
     interceptors: Sequence[Interceptor] = field(default_factory=list)
     # Connect procedures and REST routes that honour `Idempotency-Key`.
     idempotent: Sequence[IdempotentCall] = ()
-    # None reads the IDEMPOTENCY_* variables.
+    # None: the service's (CommonSettings.idempotency).
     idempotency_settings: IdempotencySettings | None = None
 
 
@@ -108,7 +107,9 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
     idempotency = None
     if parts.idempotent:
         # Last of the interceptors: calls refused by a token check or validation claim no key.
-        idempotency = idempotency_for(parts.database, parts.idempotency_settings)
+        idempotency = idempotency_for(
+            parts.database, parts.idempotency_settings or settings.idempotency
+        )
         parts = replace(
             parts,
             interceptors=[
@@ -117,7 +118,7 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
             ],
             components=[*parts.components, idempotency],
         )
-    access_log = access_log_enabled(os.environ)
+    access_log = settings.access_log
     # First of ours, so it sees every call's outcome, even one a token check refuses.
     interceptors = (
         [AccessLogInterceptor(), *parts.interceptors] if access_log else parts.interceptors

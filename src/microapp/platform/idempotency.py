@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 import uuid
@@ -37,7 +36,8 @@ from psycopg.types.json import Jsonb
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from microapp.platform.config import env_float, env_int
+# Defined with the other settings models; imported from here too.
+from microapp.platform.config import IdempotencySettings
 from microapp.platform.db import Database, DatabaseUnavailable
 from microapp.platform.rest import json_error
 
@@ -85,32 +85,6 @@ class IdempotentCall:
 
     procedure: str
     unfingerprinted: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class IdempotencySettings:
-    """How long outcomes are kept, how long a repeat waits, when a claim is abandoned."""
-
-    ttl_s: float = DEFAULT_TTL_S
-    wait_s: float = DEFAULT_WAIT_S
-    lease_s: float = DEFAULT_LEASE_S
-    prune_interval_s: float = DEFAULT_PRUNE_INTERVAL_S
-    memory_keys: int = DEFAULT_MEMORY_KEYS
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> IdempotencySettings:
-        """Read `IDEMPOTENCY_TTL_S`, `IDEMPOTENCY_WAIT_S`, `IDEMPOTENCY_LEASE_S`,
-        `IDEMPOTENCY_PRUNE_INTERVAL_S` and `IDEMPOTENCY_MEMORY_KEYS`."""
-        env = os.environ if env is None else env
-        return cls(
-            ttl_s=env_float(env, "IDEMPOTENCY_TTL_S", DEFAULT_TTL_S, minimum=1.0),
-            wait_s=env_float(env, "IDEMPOTENCY_WAIT_S", DEFAULT_WAIT_S),
-            lease_s=env_float(env, "IDEMPOTENCY_LEASE_S", DEFAULT_LEASE_S, minimum=1.0),
-            prune_interval_s=env_float(
-                env, "IDEMPOTENCY_PRUNE_INTERVAL_S", DEFAULT_PRUNE_INTERVAL_S, minimum=1.0
-            ),
-            memory_keys=env_int(env, "IDEMPOTENCY_MEMORY_KEYS", DEFAULT_MEMORY_KEYS, minimum=1),
-        )
 
 
 # --- keys and fingerprints ---------------------------------------------------------------

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import h2.errors
@@ -29,15 +29,14 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.typing import ASGIFramework
 
-from microapp.platform.config import ConfigError, env_float, env_int
+from microapp.platform.config import ConfigError, Settings, variable
 
 logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class HttpLimits:
+class HttpLimits(Settings):
     """What one client connection may do before the server cuts it off.
 
     The reasoning behind each default is in docs/operations.md ("Connection limits").
@@ -45,28 +44,14 @@ class HttpLimits:
 
     # Longest silence from a client while its connection is open (a stalled body, a
     # half-sent request); 0 turns it off.
-    read_timeout_s: float = 30.0
+    read_timeout_s: float = variable("HTTP_READ_TIMEOUT_S", 30.0, ge=0.0)
     # HTTP/2 rapid reset (CVE-2023-44487): client stream resets a connection may make at
     # once, refilled at this many per window; past it the client gets GOAWAY.
-    h2_max_resets: int = 200
-    h2_reset_window_s: float = 30.0
+    h2_max_resets: int = variable("HTTP2_MAX_RESETS", 200, ge=1)
+    h2_reset_window_s: float = variable("HTTP2_RESET_WINDOW_S", 30.0, gt=0.0)
     # HTTP/1.1: request body still to be read, after an early answer, that the server
     # reads and discards so the connection can carry the next request.
-    h1_drain_max_bytes: int = 4 * MIB
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> HttpLimits:
-        """Read HTTP_READ_TIMEOUT_S, HTTP2_MAX_RESETS, HTTP2_RESET_WINDOW_S and
-        HTTP1_DRAIN_MAX_BYTES (docs/configuration.md)."""
-        window = env_float(env, "HTTP2_RESET_WINDOW_S", cls.h2_reset_window_s)
-        if window <= 0:
-            raise ConfigError(f"HTTP2_RESET_WINDOW_S must be more than 0, got {window}")
-        return cls(
-            read_timeout_s=env_float(env, "HTTP_READ_TIMEOUT_S", cls.read_timeout_s),
-            h2_max_resets=env_int(env, "HTTP2_MAX_RESETS", cls.h2_max_resets, minimum=1),
-            h2_reset_window_s=window,
-            h1_drain_max_bytes=env_int(env, "HTTP1_DRAIN_MAX_BYTES", cls.h1_drain_max_bytes),
-        )
+    h1_drain_max_bytes: int = variable("HTTP1_DRAIN_MAX_BYTES", 4 * MIB, ge=0)
 
 
 @dataclass(frozen=True)

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from argon2 import PasswordHasher
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 from starlette.applications import Starlette
 
 from microapp.gen.auth.v1 import auth_pb2
 from microapp.gen.auth.v1.auth_connect import AuthServiceASGIApplication
-from microapp.platform.config import (
-    CommonSettings,
-    env_bool,
-    env_float,
-    env_int,
-    env_list,
-    env_str,
-)
+from microapp.platform.config import CommonSettings, Settings, split_list, variable
 from microapp.platform.db import Database
 from microapp.platform.http import ConnectService, ServiceParts, build_app
 from microapp.platform.idempotency import IdempotentCall
-from microapp.platform.migrations import load_migrations
 from microapp.services.auth.accounts import Accounts
 from microapp.services.auth.keys import (
     SigningKey,
@@ -42,9 +33,11 @@ from microapp.services.auth.routes import auth_routes
 from microapp.services.auth.service import AuthHandler
 from microapp.services.auth.tokens import DEFAULT_TOKEN_TTL_S, TokenIssuer
 
+# Its SQL migrations (migrations/*.sql) ship in the service's own package.
+MIGRATIONS_PACKAGE = "microapp.services.auth"
+
 logger = logging.getLogger(__name__)
 
-MIGRATIONS_PACKAGE = "microapp.services.auth"
 DEFAULT_DEV_KEY_DIR = ".microapp/auth"
 # Registration creates a user: run once per Idempotency-Key, over Connect and REST. The
 # password stays out of the stored request fingerprint, which is a fast hash.
@@ -54,42 +47,23 @@ IDEMPOTENT_CALLS = [
 ]
 
 
-@dataclass(frozen=True)
-class AuthSettings:
+class AuthSettings(Settings):
     """auth's own settings beside the common ones."""
 
-    common: CommonSettings
-    private_key_file: Path | None = None
-    previous_public_key_files: tuple[Path, ...] = ()
-    dev_key_dir: Path = Path(DEFAULT_DEV_KEY_DIR)
-    token_ttl_s: int = DEFAULT_TOKEN_TTL_S
-    dev_mode: bool = False
-    hash_concurrency: int = DEFAULT_HASH_CONCURRENCY
-    hash_queue_timeout_s: float = DEFAULT_HASH_QUEUE_TIMEOUT_S
+    common: CommonSettings = Field(default_factory=CommonSettings)
+    private_key_file: Path | None = variable("AUTH_PRIVATE_KEY_FILE", None)
+    previous_public_key_files: Annotated[tuple[Path, ...], NoDecode] = variable(
+        "AUTH_PREVIOUS_PUBLIC_KEY_FILES", ()
+    )
+    dev_key_dir: Path = variable("AUTH_DEV_KEY_DIR", Path(DEFAULT_DEV_KEY_DIR))
+    token_ttl_s: int = variable("AUTH_TOKEN_TTL_S", DEFAULT_TOKEN_TTL_S, ge=1)
+    dev_mode: bool = variable("AUTH_DEV_MODE", False)
+    hash_concurrency: int = variable("AUTH_HASH_CONCURRENCY", DEFAULT_HASH_CONCURRENCY, ge=1)
+    hash_queue_timeout_s: float = variable(
+        "AUTH_HASH_QUEUE_TIMEOUT_S", DEFAULT_HASH_QUEUE_TIMEOUT_S, ge=0.0
+    )
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> AuthSettings:
-        """Read `AUTH_PRIVATE_KEY_FILE`, `AUTH_DEV_MODE`, `AUTH_HASH_CONCURRENCY` and the rest."""
-        env = os.environ if env is None else env
-        key_file = env_str(env, "AUTH_PRIVATE_KEY_FILE", "")
-        return cls(
-            common=CommonSettings.from_env(
-                "auth", default_port=8090, default_otel_name="auth-service", env=env
-            ),
-            private_key_file=Path(key_file) if key_file else None,
-            previous_public_key_files=tuple(
-                Path(p) for p in env_list(env, "AUTH_PREVIOUS_PUBLIC_KEY_FILES")
-            ),
-            dev_key_dir=Path(env_str(env, "AUTH_DEV_KEY_DIR", DEFAULT_DEV_KEY_DIR)),
-            token_ttl_s=env_int(env, "AUTH_TOKEN_TTL_S", DEFAULT_TOKEN_TTL_S, minimum=1),
-            dev_mode=env_bool(env, "AUTH_DEV_MODE", False),
-            hash_concurrency=env_int(
-                env, "AUTH_HASH_CONCURRENCY", DEFAULT_HASH_CONCURRENCY, minimum=1
-            ),
-            hash_queue_timeout_s=env_float(
-                env, "AUTH_HASH_QUEUE_TIMEOUT_S", DEFAULT_HASH_QUEUE_TIMEOUT_S
-            ),
-        )
+    _split = field_validator("previous_public_key_files", mode="before")(split_list)
 
 
 def signing_key(settings: AuthSettings) -> SigningKey:
@@ -129,16 +103,15 @@ def create_app(
 ) -> Starlette:
     """The auth service as an ASGI app.
 
-    `database` and `hasher` default to real ones built from the settings; tests may pass
-    their own at this seam.
+
+    `database` is the platform's (None without DATABASE_URL); `hasher` defaults to a
+    real one; tests may pass their own at this seam.
     """
     common = settings.common
     if common.auth_required:
         # Register, login and the JWKS are how callers get tokens in the first place.
         logger.warning("AUTH_REQUIRED is ignored by the auth service itself")
-        common = dataclasses.replace(common, auth_required=False)
-    if database is None and common.database_url:
-        database = Database(common.database_url, load_migrations(MIGRATIONS_PACKAGE))
+        common = common.model_copy(update={"auth_required": False})
     tokens = TokenIssuer(
         signing_key(settings),
         previous_public_jwks=load_previous_public_keys(settings.previous_public_key_files),

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+from collections.abc import Callable
 
+from pydantic import Field, field_validator
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from microapp.gen.gateway.v1 import gateway_pb2
 from microapp.gen.gateway.v1.gateway_connect import GatewayServiceASGIApplication
 from microapp.platform.breaker import CircuitBreaker
-from microapp.platform.coalesce import CoalesceSettings
-from microapp.platform.config import CommonSettings, ConfigError, env_float, env_int, env_str
+from microapp.platform.config import CommonSettings, Settings, http_url, variable
 from microapp.platform.db import Database
 from microapp.platform.http import ConnectService, Lifecycle, ServiceParts, build_app
 from microapp.platform.idempotency import IdempotentCall
-from microapp.platform.migrations import load_migrations
 from microapp.platform.retry_budget import RetryBudget
 from microapp.platform.telemetry import observe
 from microapp.services.gateway.downstream import CustomLangClient
@@ -30,49 +26,27 @@ from microapp.services.gateway.service import (
     ResilientInvoker,
 )
 
+# Its SQL migrations (migrations/*.sql) ship in the service's own package.
 MIGRATIONS_PACKAGE = "microapp.services.gateway"
 DEFAULT_CUSTOM_LANG_BASE_URL = "http://127.0.0.1:3000"
 # Each InvokeCustom calls custom-lang and records an invocation: run once per Idempotency-Key.
 IDEMPOTENT_CALLS = [IdempotentCall("/gateway.v1.GatewayService/InvokeCustom")]
 
 
-@dataclass(frozen=True)
-class GatewaySettings:
+class GatewaySettings(Settings):
     """gateway's own settings beside the common ones; defaults are the seed's numbers."""
 
-    common: CommonSettings
-    custom_lang_base_url: str = DEFAULT_CUSTOM_LANG_BASE_URL
-    attempt_timeout_s: float = 1.0
-    breaker_failures: int = 5
-    breaker_interval_s: float = 10.0
-    breaker_open_s: float = 30.0
-    breaker_half_open_requests: int = 3
-    retry_capacity: int = 20
-    retry_refill_per_s: float = 10.0
+    common: CommonSettings = Field(default_factory=CommonSettings)
+    custom_lang_base_url: str = variable("CUSTOM_LANG_BASE_URL", DEFAULT_CUSTOM_LANG_BASE_URL)
+    attempt_timeout_s: float = variable("GATEWAY_ATTEMPT_TIMEOUT_S", 1.0, ge=0.001)
+    breaker_failures: int = variable("GATEWAY_BREAKER_FAILURES", 5, ge=1)
+    breaker_interval_s: float = variable("GATEWAY_BREAKER_INTERVAL_S", 10.0, ge=0.0)
+    breaker_open_s: float = variable("GATEWAY_BREAKER_OPEN_S", 30.0, ge=0.0)
+    breaker_half_open_requests: int = variable("GATEWAY_BREAKER_HALF_OPEN_REQUESTS", 3, ge=1)
+    retry_capacity: int = variable("GATEWAY_RETRY_CAPACITY", 20, ge=0)
+    retry_refill_per_s: float = variable("GATEWAY_RETRY_REFILL_PER_S", 10.0, ge=0.0)
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
-        """Read `CUSTOM_LANG_BASE_URL`, `GATEWAY_*` and the common variables."""
-        env = os.environ if env is None else env
-        base_url = env_str(env, "CUSTOM_LANG_BASE_URL", DEFAULT_CUSTOM_LANG_BASE_URL).rstrip("/")
-        parts = urlsplit(base_url)
-        if parts.scheme not in {"http", "https"} or not parts.netloc:
-            raise ConfigError(f"CUSTOM_LANG_BASE_URL must be an http(s):// URL, got {base_url!r}")
-        return cls(
-            common=CommonSettings.from_env(
-                "gateway", default_port=8082, default_otel_name="gateway-service", env=env
-            ),
-            custom_lang_base_url=base_url,
-            attempt_timeout_s=env_float(env, "GATEWAY_ATTEMPT_TIMEOUT_S", 1.0, minimum=0.001),
-            breaker_failures=env_int(env, "GATEWAY_BREAKER_FAILURES", 5, minimum=1),
-            breaker_interval_s=env_float(env, "GATEWAY_BREAKER_INTERVAL_S", 10.0),
-            breaker_open_s=env_float(env, "GATEWAY_BREAKER_OPEN_S", 30.0),
-            breaker_half_open_requests=env_int(
-                env, "GATEWAY_BREAKER_HALF_OPEN_REQUESTS", 3, minimum=1
-            ),
-            retry_capacity=env_int(env, "GATEWAY_RETRY_CAPACITY", 20),
-            retry_refill_per_s=env_float(env, "GATEWAY_RETRY_REFILL_PER_S", 10.0),
-        )
+    _url = field_validator("custom_lang_base_url")(http_url)
 
 
 class ResilienceGauges:
@@ -114,8 +88,9 @@ def create_app(
 ) -> Starlette:
     """The gateway service as an ASGI app.
 
-    `custom_lang`, `database` and `clock` default to real ones; tests and benchmarks
-    may pass their own at this seam.
+
+    `database` is the platform's (None without DATABASE_URL); `custom_lang` and `clock`
+    default to real ones; tests and benchmarks may pass their own at this seam.
     """
     components: list[Lifecycle] = []
     if custom_lang is None:
@@ -124,12 +99,6 @@ def create_app(
         )
         components.append(client)
         custom_lang = client
-    if database is None and settings.common.database_url:
-        database = Database(
-            settings.common.database_url,
-            load_migrations(MIGRATIONS_PACKAGE),
-            coalesce=CoalesceSettings.from_env(),
-        )
     breaker = CircuitBreaker(
         failure_threshold=settings.breaker_failures,
         interval_s=settings.breaker_interval_s,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import Field, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -17,48 +17,48 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from microapp.platform.config import CommonSettings, ConfigError, env_int, env_str
+from microapp.platform.config import CommonSettings, ConfigError, Settings, variable
+from microapp.platform.db import Database
 from microapp.platform.http import Lifecycle, ServiceParts, build_app
 from microapp.services.web.relay import BreakerRelay
 
 # index.html and assets/ (the esbuild bundle and CSS), shipped inside the Python package.
 CONSOLE_DIR = Path(str(files("microapp") / "web"))
 
-_BASE_URL_VARIABLES = {
-    "greeter_base_url": "WEB_GREETER_BASE_URL",
-    "gateway_base_url": "WEB_GATEWAY_BASE_URL",
-    "auth_base_url": "WEB_AUTH_BASE_URL",
-    "breaker_url": "WEB_BREAKER_URL",
-}
 
-
-@dataclass(frozen=True)
-class WebSettings:
+class WebSettings(Settings):
     """Where the browser finds the services; empty means the console's own origin."""
 
-    common: CommonSettings
-    greeter_base_url: str = ""
-    gateway_base_url: str = ""
-    auth_base_url: str = ""
+    common: CommonSettings = Field(default_factory=CommonSettings)
+    greeter_base_url: str = variable("WEB_GREETER_BASE_URL", "")
+    gateway_base_url: str = variable("WEB_GATEWAY_BASE_URL", "")
+    auth_base_url: str = variable("WEB_AUTH_BASE_URL", "")
     # Empty: the gateway's base URL + /debug/breaker.
-    breaker_url: str = ""
-    breaker_poll_ms: int = 1000
+    breaker_url: str = variable("WEB_BREAKER_URL", "")
+    breaker_poll_ms: int = variable("WEB_BREAKER_POLL_MS", 1000, ge=100)
     # Where the web service itself asks for the breaker status it answers on /debug/breaker.
-    breaker_upstream_url: str = ""
+    breaker_upstream_url: str = variable("WEB_BREAKER_UPSTREAM_URL", "")
 
+    @field_validator("greeter_base_url", "gateway_base_url", "auth_base_url", "breaker_url")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> WebSettings:
-        """Read `WEB_*_BASE_URL`, `WEB_BREAKER_*` and the common variables."""
-        env = os.environ if env is None else env
-        urls = {field: _browser_url(env, name) for field, name in _BASE_URL_VARIABLES.items()}
-        return cls(
-            common=CommonSettings.from_env(
-                "web", default_port=8000, default_otel_name="web", env=env
-            ),
-            breaker_poll_ms=env_int(env, "WEB_BREAKER_POLL_MS", 1000, minimum=100),
-            breaker_upstream_url=_upstream_url(env, "WEB_BREAKER_UPSTREAM_URL"),
-            **urls,
-        )
+    def _browser_url(cls, value: str) -> str:
+        """An absolute http(s) URL or a path on the console's origin, without a trailing slash."""
+        value = value.rstrip("/")
+        if not value or value.startswith("/"):
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ValueError("must be an http(s) URL or a path like /api")
+        return value
+
+    @field_validator("breaker_upstream_url")
+    @classmethod
+    def _upstream_url(cls, value: str) -> str:
+        """An absolute http(s) URL the web service itself fetches, or empty."""
+        parts = urlsplit(value)
+        if value and (parts.scheme not in {"http", "https"} or not parts.netloc):
+            raise ValueError("must be an http(s) URL")
+        return value
 
     def console_config(self) -> dict[str, Any]:
         """The JSON the console reads at startup (`/config.json`)."""
@@ -89,26 +89,6 @@ class WebSettings:
         return origins
 
 
-def _browser_url(env: Mapping[str, str], name: str) -> str:
-    """An absolute http(s) URL or a path on the console's origin, without a trailing slash."""
-    value = env_str(env, name, "").rstrip("/")
-    if not value or value.startswith("/"):
-        return value
-    parts = urlsplit(value)
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
-        raise ConfigError(f"{name} must be an http(s) URL or a path like /api, got {value!r}")
-    return value
-
-
-def _upstream_url(env: Mapping[str, str], name: str) -> str:
-    """An absolute http(s) URL the web service itself fetches, or empty."""
-    value = env_str(env, name, "")
-    parts = urlsplit(value)
-    if value and (parts.scheme not in {"http", "https"} or not parts.netloc):
-        raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
-    return value
-
-
 class _ConsoleAssets(StaticFiles):
     """The bundle keeps one name across builds, so browsers must revalidate (ETag) each load."""
 
@@ -121,7 +101,12 @@ class _ConsoleAssets(StaticFiles):
         return response
 
 
-def create_app(settings: WebSettings, *, console_dir: Path = CONSOLE_DIR) -> Starlette:
+def create_app(
+    settings: WebSettings,
+    *,
+    database: Database | None = None,
+    console_dir: Path = CONSOLE_DIR,
+) -> Starlette:
     """The web service as an ASGI app: `/` the console, `/config.json` where the services are."""
     index = console_dir / "index.html"
     if not index.is_file():
@@ -150,7 +135,9 @@ def create_app(settings: WebSettings, *, console_dir: Path = CONSOLE_DIR) -> Sta
         routes.append(Route("/debug/breaker", relay.handle, methods=["GET"]))
     return build_app(
         settings.common,
-        ServiceParts(connect=[], proto_files=[], routes=routes, components=components),
+        ServiceParts(
+            connect=[], proto_files=[], routes=routes, database=database, components=components
+        ),
     )
 
 
