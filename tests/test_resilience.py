@@ -2,7 +2,9 @@
 outage, a shutdown with requests in flight, a burst beyond the write queue.
 
 Real `microapp serve` processes, a real PostgreSQL (the test's own where it is stopped),
-real load from concurrent clients. No timing assertions beyond the bounds the issue names.
+real load from concurrent clients. No sleeps and no timing assertions: each phase ends on
+an awaited condition (answers counted, a health status, the breaker's logged transitions).
+The one bound kept is the documented shutdown deadline (in-flight work finished within 10 s).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from tests.support.ports import free_port
 from tests.support.postgres import TestPostgres, query
 from tests.support.services import ServiceProcess
 
-OUTAGE_S = 5.0
+# Calls each load must have answered while the database is down: the outage lasts until
+# then, so it spans many writes that cannot be stored, whatever the machine's speed.
+OUTAGE_CALLS = 30
 
 
 # ---------------------------------------------------------------------------- load
@@ -165,15 +169,15 @@ async def test_database_outage_under_load_loses_no_answer_and_corrupts_no_row(
             await invokes.answers_beyond(0, 20)
 
             await asyncio.to_thread(pg.stop)
-            loop = asyncio.get_running_loop()
-            back_at = loop.time() + OUTAGE_S
             await system.greeter.wait_for("/healthz", 503)
             await system.gateway.wait_for("/healthz", 503)
             down_greets, down_invokes = len(greets.answered), len(invokes.answered)
-            # The outage lasts OUTAGE_S; the services keep answering all along.
-            await greets.answers_beyond(down_greets, 10)
-            await invokes.answers_beyond(down_invokes, 10)
-            await asyncio.sleep(max(0.0, back_at - loop.time()))
+            # The services keep answering all along the outage.
+            await greets.answers_beyond(down_greets, OUTAGE_CALLS)
+            await invokes.answers_beyond(down_invokes, OUTAGE_CALLS)
+            # Still down at its end, and still alive.
+            assert await _status(system.greeter.url + "/healthz") == 503
+            assert await _status(system.gateway.url + "/healthz") == 503
             assert await _status(system.greeter.url + "/livez") == 200
 
             await asyncio.to_thread(pg.start)
@@ -242,6 +246,17 @@ async def _breaker_is(gateway: ServiceProcess, state: str) -> bool:
     return (await _breaker(gateway))["state"] == state
 
 
+def _breaker_changes(logs: str) -> list[str]:
+    """The states the breaker entered, in order, from the gateway's JSON log."""
+    changes = []
+    for line in logs.splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "to_state" in record:
+                changes.append(str(record["to_state"]))
+    return changes
+
+
 def _not_called(load: Load) -> int:
     """Calls the open breaker refused without sending them to custom-lang."""
     return sum(
@@ -293,8 +308,6 @@ async def test_downstream_outage_opens_the_breaker_and_a_restart_closes_it(
 
             await restarted.start()
             await restarted.wait_for("/healthz", 200)
-            loop = asyncio.get_running_loop()
-            back_at = loop.time()
             assert await _breaker_is(gateway, "open"), "restart took longer than the open period"
             before, refused = executions(), _not_called(load)
             await eventually(lambda: _not_called(load) >= refused + 5)
@@ -303,10 +316,10 @@ async def test_downstream_outage_opens_the_breaker_and_a_restart_closes_it(
                 assert executions() == before
 
             # Half-open after the open period; the trial calls succeed and close it.
-            await eventually(
-                lambda: _breaker_is(gateway, "closed"), timeout=OPEN_S + ATTEMPT_TIMEOUT_S + 1
-            )
-            assert loop.time() - back_at <= OPEN_S + ATTEMPT_TIMEOUT_S + 1
+            await eventually(lambda: _breaker_is(gateway, "closed"), timeout=60)
+            # The crash opened it once; its first half-open trials closed it, not reopened it.
+            assert _breaker_changes(gateway.logs())[-3:] == ["open", "half_open", "closed"]
+            assert _breaker_changes(gateway.logs()).count("open") == 1
             answered = len(load.answered)
             await load.answers_beyond(answered, 20)
         finally:
