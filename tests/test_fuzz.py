@@ -26,7 +26,7 @@ import base64
 import binascii
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
-from microapp.services import SERVICES
+from microapp.services import SERVICES, Call
 from tests.support.external import ExternalServer
 from tests.support.postgres import TestPostgres
 from tests.support.services import ServiceProcess
@@ -93,11 +93,27 @@ SERVICE_CODES = frozenset(
 # ---------------------------------------------------------------------------- the registry
 
 
-def _specs() -> Iterator[object]:
-    return iter(SERVICES.values() if isinstance(SERVICES, Mapping) else SERVICES)
+SERVICE_NAMES = list(SERVICES)
 
 
-SERVICE_NAMES = [spec.name for spec in _specs()]  # type: ignore[attr-defined]
+def service_calls(name: str) -> list[Call]:
+    """The calls a service makes itself (not its page's, not the ones only Traefik needs)."""
+    return [call for call in SERVICES[name].calls if not call.browser and not call.proxied]
+
+
+def start_order() -> list[str]:
+    """Every registered service, each after the services it calls."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name not in order:
+            for call in service_calls(name):
+                visit(call.service)
+            order.append(name)
+
+    for name in SERVICES:
+        visit(name)
+    return order
 
 
 @dataclass(frozen=True)
@@ -118,15 +134,15 @@ def registry_methods() -> list[Method]:
     """Every unary method of every Connect service the registry's services answer."""
     pool = descriptor_pool.Default()
     methods = []
-    for spec in _specs():
-        for connect_path in spec.connect_paths:  # type: ignore[attr-defined]
+    for spec in SERVICES.values():
+        for connect_path in spec.connect_paths:
             service = pool.FindServiceByName(connect_path.strip("/"))
             for method in service.methods:
                 if method.client_streaming or method.server_streaming:
                     continue  # streams are fuzzed by their own tests (test_greeter_v2)
                 methods.append(
                     Method(
-                        spec.name,  # type: ignore[attr-defined]
+                        spec.name,
                         f"{connect_path}/{method.name}",
                         message_factory.GetMessageClass(method.input_type),
                         message_factory.GetMessageClass(method.output_type),
@@ -163,12 +179,6 @@ REST_GETS = [
     ("web", "/assets/console.js"),
 ]
 REST_GET_IDS = [f"{service}{path}" for service, path in REST_GETS]
-
-# Services whose settings name another service's URL: started after it.
-DEPENDS_ON = {
-    "greeter": {"CALLER_BASE_URL": "caller"},
-    "gateway": {"CUSTOM_LANG_BASE_URL": "custom-lang"},
-}
 
 
 # ---------------------------------------------------------------------------- services
@@ -213,7 +223,8 @@ VALID_REST: dict[str, Callable[[Fleet], dict[str, str]]] = {
 async def fleet(
     postgres: TestPostgres, external: ExternalServer, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Fleet]:
-    """Every service of the registry, each with a database of its own."""
+    """Every service of the registry, each with a database of its own where it has one,
+    wired to the services it calls as the registry says."""
     key_dir: Path = tmp_path_factory.mktemp("auth-keys")
     extra = {
         # Random URLs must not send the caller anywhere but this machine.
@@ -222,20 +233,18 @@ async def fleet(
         "auth": {"AUTH_DEV_KEY_DIR": str(key_dir)},
     }
 
-    def make(name: str, urls: Mapping[str, str]) -> ServiceProcess:
-        env = {"DATABASE_URL": postgres.fresh_database(f"fuzz_{name.replace('-', '_')}")}
-        env.update(extra.get(name, {}))
-        env.update({var: urls[dep] for var, dep in DEPENDS_ON.get(name, {}).items()})
-        return ServiceProcess(name, env)
+    def make(name: str, started: Mapping[str, ServiceProcess]) -> ServiceProcess:
+        env = {c.variable: started[c.service].url + c.path for c in service_calls(name)}
+        if SERVICES[name].database:
+            env["DATABASE_URL"] = postgres.fresh_database(f"fuzz_{name.replace('-', '_')}")
+        return ServiceProcess(name, {**env, **extra.get(name, {})})
 
     services: dict[str, ServiceProcess] = {}
     transport = HTTPTransport(http_version=HTTPVersion.HTTP2)
     try:
-        for wave in ([n for n in SERVICE_NAMES if n not in DEPENDS_ON], list(DEPENDS_ON)):
-            urls = {name: service.url for name, service in services.items()}
-            for name in wave:
-                services[name] = make(name, urls)
-                await services[name].start()
+        for name in start_order():
+            services[name] = make(name, services)
+            await services[name].start()
         for service in services.values():
             await service.wait_for("/healthz", 200)
         fleet = Fleet(services, Client(transport), external)
