@@ -33,6 +33,7 @@ from microapp.platform.db import Database
 from microapp.platform.rest import MAX_JSON_DEPTH, json_nesting
 from microapp.platform.validation import field_holding_nul
 from microapp.services.customlang.app import CustomLangSettings, create_app
+from tests.support.commands import buf_curl
 from tests.support.external import ExternalServer
 from tests.support.inprocess import serving
 from tests.support.postgres import TestPostgres, query
@@ -381,3 +382,35 @@ async def test_an_unexpected_error_in_a_rest_route_is_a_generic_500(
     assert SECRET not in text and "Traceback" not in text
     [logged] = _errors_mentioning(caplog, SECRET)
     assert getattr(logged, "path", None) == "/invoke"
+
+
+# ---------------------------------------------------------------------------- long URLs
+
+
+async def test_a_url_over_8192_characters_is_refused_at_once_with_a_short_message(
+    tmp_path: Path,
+) -> None:
+    """A URL near 1 MiB once came back quoted whole: over gRPC a trailer that took the
+    server minutes to encode. It is refused before anything else, and quoted short."""
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"url": "http://example.com/" + "a" * 900_000}))
+    async with ServiceProcess("caller") as caller:
+        answer = await buf_curl(
+            caller.url + "/caller.v1.CallerService/CallExternal",
+            f"@{request}",
+            protocol="grpc",
+        )
+        assert answer.returncode != 0
+        error = json.loads(answer.stderr)
+        assert error["code"] == "invalid_argument"
+        assert "at most 8192" in error["message"]
+        assert len(error["message"]) < 300
+        # The longest accepted URL passes validation and is fetched (nothing listens there:
+        # unavailable, which is not a length problem).
+        longest = "http://127.0.0.1/" + "a" * (8192 - len("http://127.0.0.1/"))
+        answer = await buf_curl(
+            caller.url + "/caller.v1.CallerService/CallExternal",
+            json.dumps({"url": longest}),
+            protocol="grpc",
+        )
+        assert "at most 8192" not in answer.stderr

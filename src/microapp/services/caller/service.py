@@ -21,6 +21,11 @@ from microapp.services.caller.fetch import (
 from microapp.services.caller.guard import TargetRefused
 
 INSERT_CALL_LOG = "INSERT INTO call_logs (url, status_code, body_length) VALUES (%s, %s, %s)"
+# Longer URLs are refused before anything else: browsers and proxies stop near here, and
+# every message that quotes a URL (over gRPC, a trailer) stays small.
+MAX_URL_LENGTH = 8192
+# How much of a refused URL an error message quotes.
+_QUOTED = 100
 
 
 class Fetcher(Protocol):
@@ -36,9 +41,14 @@ def validate_url(url: str) -> None:
 
     The target rules (allowlist, addresses) are the fetcher's: they apply to every hop.
     """
+    if len(url) > MAX_URL_LENGTH:
+        raise ConnectError(
+            Code.INVALID_ARGUMENT,
+            f"url is {len(url)} characters long, at most {MAX_URL_LENGTH}: {_quote(url)}",
+        )
     if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in url):
         # Checked first: such a URL must reach neither the network nor the database.
-        raise ConnectError(Code.INVALID_ARGUMENT, f"url contains control characters: {url!r}")
+        raise ConnectError(Code.INVALID_ARGUMENT, f"url contains control characters: {_quote(url)}")
     try:
         parts = urlsplit(url)
         host = parts.hostname
@@ -46,11 +56,18 @@ def validate_url(url: str) -> None:
         # As aiohttp and the resolver will read the host (IDNA: empty labels, soft hyphens).
         (URL(url).raw_host or "").encode("idna")
     except ValueError:
-        raise ConnectError(Code.INVALID_ARGUMENT, f"url is not a valid URL: {url!r}") from None
+        message = f"url is not a valid URL: {_quote(url)}"
+        raise ConnectError(Code.INVALID_ARGUMENT, message) from None
     if parts.scheme not in {"http", "https"} or not host:
         raise ConnectError(
-            Code.INVALID_ARGUMENT, f"url must be an absolute http(s) URL, got {url!r}"
+            Code.INVALID_ARGUMENT, f"url must be an absolute http(s) URL, got {_quote(url)}"
         )
+
+
+def _quote(url: str) -> str:
+    """The URL as an error message shows it: repr'd, and cut short when long."""
+    shown = url if len(url) <= _QUOTED else url[:_QUOTED] + "…"
+    return repr(shown)
 
 
 class CallerHandler:
