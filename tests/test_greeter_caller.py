@@ -192,6 +192,22 @@ async def test_greeter_gives_the_caller_two_seconds(external: ExternalServer) ->
     assert caught.value.code == Code.DEADLINE_EXCEEDED
 
 
+async def test_a_deadline_the_client_sent_ends_the_greeting_as_deadline_exceeded(
+    external: ExternalServer,
+) -> None:
+    """The client allows 0.5 s (Connect-Timeout-Ms) but waits longer itself, so greeter's
+    deadline fires first, cancelling its call to caller. The answer is deadline_exceeded,
+    not the client library's CANCELED for the call greeter gave up on."""
+    async with ServiceProcess("caller", {"CALLER_EXTERNAL_TIMEOUT_S": "10"}) as caller:
+        env = {"CALLER_BASE_URL": caller.url, "EXTERNAL_API_URL": external.url(delay=3)}
+        async with ServiceProcess("greeter", env) as greeter, aiohttp.ClientSession() as http:
+            headers = {"Content-Type": "application/json", "Connect-Timeout-Ms": "500"}
+            url = greeter.url + "/greeter.v1.GreeterService/Greet"
+            async with http.post(url, json={"name": "hurried"}, headers=headers) as resp:
+                body = await resp.json()
+    assert body["code"] == "deadline_exceeded", body
+
+
 async def test_caller_down_is_unavailable(external: ExternalServer) -> None:
     nothing_there = f"http://127.0.0.1:{free_port()}"
     env = {"CALLER_BASE_URL": nothing_there, "EXTERNAL_API_URL": external.url()}

@@ -3,6 +3,7 @@ about the outside world, record the greeting. v1 and v2 differ only in what they
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Protocol
 
@@ -67,6 +68,12 @@ class GreeterCore:
                 CallExternalRequest(url=self._external_api_url), timeout_ms=CALLER_DEADLINE_MS
             )
         except ConnectError as exc:
+            task = asyncio.current_task()
+            if exc.code == Code.CANCELED and task is not None and task.cancelling():
+                # This call was cancelled (greeter's own deadline passed, or its client left),
+                # and connectrpc's client turned that into CANCELED: let the cancellation go
+                # on, so the server answers it as it should (deadline_exceeded for a deadline).
+                raise asyncio.CancelledError from exc
             # The caller's own answer passes through. The client's own failure (its deadline,
             # a refused connection) keeps its code but not its text, which names addresses.
             if exc.__cause__ is None or isinstance(exc.__cause__, ConnectError):
