@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,9 @@ async def test_a_developers_service_settings_do_not_reach_the_tests() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+def test_a_warning_of_our_own_is_an_error() -> None:
+    # pyproject.toml: filterwarnings "error:::tests" (and microapp).
+    with pytest.raises(UserWarning, match="ours"):
+        warnings.warn("ours", UserWarning, stacklevel=1)
