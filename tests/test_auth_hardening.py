@@ -458,9 +458,9 @@ async def verifier(rotation: Rotation) -> AsyncIterator[Verifier]:
     client = JwksClient(auth.url + "/.well-known/jwks.json", ttl_s=300, clock=clock)
     state = Verifier(client, clock, auth)
     try:
-        yield state
+        async with client:
+            yield state
     finally:
-        await client.close()
         await state.auth.stop()
 
 

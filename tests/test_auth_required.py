@@ -159,9 +159,8 @@ async def jwks_server() -> AsyncIterator[JwksServer]:
 @pytest.fixture
 async def jwks_client(jwks_server: JwksServer) -> AsyncIterator[tuple[JwksClient, FakeClock]]:
     clock = FakeClock()
-    client = JwksClient(jwks_server.url, min_refresh_interval=10.0, clock=clock)
-    yield client, clock
-    await client.close()
+    async with JwksClient(jwks_server.url, min_refresh_interval=10.0, clock=clock) as client:
+        yield client, clock
 
 
 async def test_keys_are_fetched_once_for_many_tokens(
@@ -213,12 +212,9 @@ async def test_garbage_tokens_cause_no_fetch(
 
 
 async def test_unreachable_jwks_means_keys_unavailable_not_an_invalid_token() -> None:
-    client = JwksClient(f"http://127.0.0.1:{free_port()}/jwks.json")
-    try:
+    async with JwksClient(f"http://127.0.0.1:{free_port()}/jwks.json") as client:
         with pytest.raises(KeysUnavailable):
             await client.verify(TestKey.new().sign())
-    finally:
-        await client.close()
 
 
 @pytest.fixture

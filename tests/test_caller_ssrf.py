@@ -115,10 +115,9 @@ def loopback_is_public_but_127_0_0_1(address: IPAddress) -> str | None:
 @pytest.fixture
 async def guarded_handler() -> AsyncIterator[CallerHandler]:
     """caller's handler and fetcher as the service builds them, with the injected rule."""
-    fetcher = ExternalFetcher(TargetGuard.of(loopback_is_public_but_127_0_0_1, ()))
-    await fetcher.start()
-    yield CallerHandler(fetcher, None)
-    await fetcher.close()
+    guard = TargetGuard.of(loopback_is_public_but_127_0_0_1, ())
+    async with ExternalFetcher(guard) as fetcher:
+        yield CallerHandler(fetcher, None)
 
 
 @pytest.mark.parametrize("final_host", ["127.0.0.1", "localhost"])

@@ -9,6 +9,7 @@ own) and one `ServiceSpec` in a copy of the registry. A real `microapp serve` pr
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ import pytest
 
 from microapp.platform.config import CommonSettings, ConfigError
 from microapp.services import SERVICES, Call, ServiceSpec
+from microapp.services.gateway.downstream import CustomLangClient
 from microapp.up import wiring_env
 from tests.support.polling import eventually
 from tests.support.ports import free_port
@@ -257,3 +259,25 @@ def test_up_wires_a_new_services_call_from_its_registry_entry() -> None:
     ports = {name: spec.default_port for name, spec in services.items()}
     env = wiring_env(ports, "http://127.0.0.1:1/", services)
     assert env["NEWCOMER_GATEWAY_URL"] == f"http://127.0.0.1:{ports['gateway']}"
+
+
+# --- structure: no import cycle, resources only inside their block -------------------------
+
+
+def test_authn_stands_without_the_http_app_module() -> None:
+    # authn offers a token check that build_app composes; it never imports http back.
+    code = "import sys, microapp.platform.authn; print('microapp.platform.http' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (result.returncode, result.stdout.strip()) == (0, "False"), result.stderr
+
+
+async def test_an_http_client_has_its_session_only_inside_its_block() -> None:
+    client = CustomLangClient("http://127.0.0.1:1")
+    with pytest.raises(RuntimeError, match="outside its `async with` block"):
+        _ = client.session
+    async with client:
+        session = client.session
+        assert not session.closed
+    assert session.closed
+    with pytest.raises(RuntimeError):
+        _ = client.session

@@ -16,9 +16,9 @@ import contextvars
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -31,11 +31,9 @@ from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
+from microapp.platform.clients import HttpClient
 from microapp.platform.config import CommonSettings, ConfigError
 from microapp.platform.rest import json_error
-
-if TYPE_CHECKING:
-    from microapp.platform.http import ServiceParts
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +167,7 @@ def parse_jwks(document: object) -> dict[str, Key]:
     return keys
 
 
-class JwksClient:
+class JwksClient(HttpClient):
     """The auth service's public keys: fetched on first use, again once they are `ttl_s`
     old, and at once when a token names an unknown kid (a rotation).
 
@@ -200,21 +198,15 @@ class JwksClient:
         self._last_attempt: float | None = None
         self._last_failed = False
         self._lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
 
     @property
     def ttl_s(self) -> float:
         """Seconds fetched keys are kept before the next token fetches them again."""
         return self._ttl_s
 
-    async def start(self) -> None:
-        """Nothing is fetched yet: the first token to check triggers it."""
-
-    async def close(self) -> None:
-        """Close the HTTP session."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    def open_session(self) -> aiohttp.ClientSession:
+        """A session bounded by the fetch timeout; nothing is fetched until a token comes."""
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._fetch_timeout))
 
     async def verify(self, token: str) -> Principal:
         """Check a token; raises `InvalidToken`, or `KeysUnavailable` when auth is away."""
@@ -271,11 +263,7 @@ class JwksClient:
 
     async def _fetch(self) -> dict[str, Key]:
         self.fetches += 1
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._fetch_timeout)
-            )
-        async with self._session.get(self.url, allow_redirects=False) as resp:
+        async with self.session.get(self.url, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise ValueError(f"JWKS answered HTTP {resp.status}")
             body = await resp.content.read(MAX_JWKS_BYTES + 1)
@@ -352,18 +340,28 @@ class GuardedRoute(BaseRoute):
             _current_principal.reset(reset)
 
 
-def with_token_check(settings: CommonSettings, parts: ServiceParts) -> ServiceParts:
-    """The service's parts with every Connect call and REST route requiring a token.
+@dataclass(frozen=True)
+class TokenCheck:
+    """What a service that requires bearer tokens (`AUTH_REQUIRED=1`) composes into itself:
+    a Connect interceptor, a guard for its REST routes, and the JWKS client they share (a
+    resource to open for the service's life)."""
 
-    Health routes are added by `build_app` outside `parts.routes`, so they stay open.
-    """
+    keys: JwksClient
+
+    @property
+    def interceptor(self) -> ConnectTokenCheck:
+        """Placed first among the interceptors: `unauthenticated` before the body is read."""
+        return ConnectTokenCheck(self.keys)
+
+    def guard(self, routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+        """`routes`, each answering 401 JSON unless a valid token comes."""
+        return [GuardedRoute(route, self.keys) for route in routes]
+
+
+def token_check(settings: CommonSettings) -> TokenCheck:
+    """The token check a service's settings ask for; `ConfigError` without AUTH_JWKS_URL."""
     if not settings.auth_jwks_url:
         raise ConfigError("AUTH_REQUIRED=1 needs AUTH_JWKS_URL (the auth service's JWKS URL)")
     jwks = JwksClient(settings.auth_jwks_url, ttl_s=settings.auth_jwks_ttl_s)
     logger.info("bearer tokens required", extra={"jwks_url": jwks.url, "ttl_s": jwks.ttl_s})
-    return replace(
-        parts,
-        interceptors=[ConnectTokenCheck(jwks), *parts.interceptors],
-        routes=[GuardedRoute(route, jwks) for route in parts.routes],
-        components=[jwks, *parts.components],
-    )
+    return TokenCheck(jwks)

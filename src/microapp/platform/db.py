@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 from psycopg import AsyncConnection
@@ -105,6 +105,14 @@ class Database:
     async def wait_ready(self) -> None:
         """Return once the database is usable."""
         await self._ready.wait()
+
+    async def __aenter__(self) -> Self:
+        """`start()`, for the service's lifespan exit stack."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     async def start(self) -> None:
         """Open the pool and start watching; never fails because the database is down."""

@@ -6,8 +6,9 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 from connectrpc.interceptor import Interceptor
@@ -24,7 +25,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from microapp.platform.accesslog import AccessLog, AccessLogInterceptor
-from microapp.platform.authn import with_token_check
+from microapp.platform.authn import token_check
 from microapp.platform.config import CommonSettings
 from microapp.platform.db import Database
 from microapp.platform.idempotency import (
@@ -58,14 +59,6 @@ CORS_ALLOW_HEADERS = [
 CORS_EXPOSE_HEADERS = ["Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin"]
 
 
-class Lifecycle(Protocol):
-    """Something a service opens at startup and closes at shutdown."""
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-
 # The generated `XServiceASGIApplication(service, *, interceptors=..., read_max_bytes=...)`.
 ConnectAppFactory = Callable[..., ConnectASGIApplication[Any]]
 
@@ -86,8 +79,9 @@ class ServiceParts:
     proto_files: Sequence[FileDescriptor]
     routes: Sequence[BaseRoute] = ()
     database: Database | None = None
-    # Started in order after the database, closed in reverse before it.
-    components: Sequence[Lifecycle] = ()
+    # Async context managers entered in order after the database (at startup), left in
+    # reverse before it (at shutdown): clients, queues, pools.
+    resources: Sequence[AbstractAsyncContextManager[object]] = ()
     interceptors: Sequence[Interceptor] = field(default_factory=list)
     # Connect procedures and REST routes that honour `Idempotency-Key`.
     idempotent: Sequence[IdempotentCall] = ()
@@ -98,7 +92,14 @@ class ServiceParts:
 def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
     """Compose one service's ASGI app."""
     if settings.auth_required:
-        parts = with_token_check(settings, parts)
+        check = token_check(settings)
+        # Health routes are added below, outside `parts.routes`, so they stay open.
+        parts = replace(
+            parts,
+            interceptors=[check.interceptor, *parts.interceptors],
+            routes=check.guard(parts.routes),
+            resources=[check.keys, *parts.resources],
+        )
     # First, so every unexpected error leaves as a generic `internal`; last, NUL text is
     # refused before any handler (and its database) sees it.
     parts = replace(
@@ -116,7 +117,7 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
                 *parts.interceptors,
                 IdempotencyInterceptor(idempotency, parts.idempotent),
             ],
-            components=[*parts.components, idempotency],
+            resources=[*parts.resources, idempotency],
         )
     access_log = settings.access_log
     # First of ours, so it sees every call's outcome, even one a token check refuses.
@@ -272,13 +273,11 @@ def _lifespan(settings: CommonSettings, parts: ServiceParts) -> Callable[[Starle
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             if parts.database is not None:
-                await parts.database.start()
-                stack.push_async_callback(parts.database.close)
+                await stack.enter_async_context(parts.database)
             else:
                 logger.info("running without a database (DATABASE_URL is not set)")
-            for component in parts.components:
-                await component.start()
-                stack.push_async_callback(component.close)
+            for resource in parts.resources:
+                await stack.enter_async_context(resource)
             logger.info("service started", extra={"port": settings.port})
             yield
             logger.info("service stopping")

@@ -25,7 +25,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import psycopg
 from connectrpc.code import Code
@@ -528,6 +528,14 @@ class Idempotency:
                 "idempotency claim not released", extra={"procedure": procedure, "error": str(exc)}
             )
 
+    async def __aenter__(self) -> Self:
+        """`start()`, for the service's lifespan exit stack."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     async def start(self) -> None:
         """Start pruning expired keys every `prune_interval_s`."""
         self._pruner = asyncio.create_task(self._prune_forever(), name="idempotency-pruner")
@@ -551,11 +559,8 @@ class Idempotency:
                 logger.info("pruned expired idempotency keys", extra={"pruned": pruned})
 
 
-def idempotency_for(
-    database: Database | None, settings: IdempotencySettings | None = None
-) -> Idempotency:
+def idempotency_for(database: Database | None, settings: IdempotencySettings) -> Idempotency:
     """Keys in the service's database when it has one, else in memory."""
-    settings = settings or IdempotencySettings.from_env()
     store: IdempotencyStore
     if database is not None:
         store = PostgresIdempotencyStore(database, settings)

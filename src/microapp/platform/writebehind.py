@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 from microapp.platform.db import Database, DatabaseUnavailable
 from microapp.platform.telemetry import observe
@@ -61,6 +61,14 @@ class WriteBehindQueue:
                 logger.warning("write queue full, row dropped", extra={"dropped": self.dropped})
             return False
         return True
+
+    async def __aenter__(self) -> Self:
+        """`start()`, for the service's lifespan exit stack."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     async def start(self) -> None:
         """Start the background writer."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -95,6 +97,17 @@ def _warn_about_the_user_store(
         logger.warning("AUTH_DEV_MODE is ignored: DATABASE_URL is set, so passwords are checked")
 
 
+@asynccontextmanager
+async def hashing(passwords: Passwords) -> AsyncIterator[Passwords]:
+    """The hashing pool for the service's life: its dummy hash made at startup (so the first
+    unknown-email login costs no extra hash), the pool stopped at shutdown."""
+    await passwords.start()
+    try:
+        yield passwords
+    finally:
+        await passwords.close()
+
+
 def create_app(
     settings: AuthSettings,
     *,
@@ -131,7 +144,7 @@ def create_app(
             proto_files=[auth_pb2.DESCRIPTOR],
             routes=auth_routes(accounts, tokens, max_body_bytes=common.max_body_bytes),
             database=database,
-            components=[passwords],
+            resources=[hashing(passwords)],
             idempotent=IDEMPOTENT_CALLS,
         ),
     )

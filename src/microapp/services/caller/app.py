@@ -80,6 +80,6 @@ def create_app(
             connect=[ConnectService(CallerServiceASGIApplication, handler)],
             proto_files=[caller_pb2.DESCRIPTOR],
             database=database,
-            components=[fetcher, *([call_log] if call_log else [])],
+            resources=[fetcher, *([call_log] if call_log else [])],
         ),
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from microapp.platform.clients import HttpClient
 from microapp.services.caller.guard import GuardedResolver, TargetGuard, guarded_socket_factory
 
 _INT32_MAX = 2**31 - 1
@@ -58,16 +59,15 @@ class RedirectRefused(Exception):
     """The target redirected too many times, or to something that is not a URL."""
 
 
-class ExternalFetcher:
-    """An aiohttp session opened at startup and closed at shutdown."""
+class ExternalFetcher(HttpClient):
+    """Fetches external URLs over one aiohttp session: `async with ExternalFetcher(...)`."""
 
     def __init__(self, guard: TargetGuard, limits: FetchLimits | None = None) -> None:
         self._guard = guard
         self._limits = limits or FetchLimits()
-        self._session: aiohttp.ClientSession | None = None
 
-    async def start(self) -> None:
-        """Open the session (aiohttp needs a running loop for it)."""
+    def open_session(self) -> aiohttp.ClientSession:
+        """A session whose connector applies the guard to every address it connects."""
         checked = self._guard.address_rule is not None
         connector = aiohttp.TCPConnector(
             limit=self._limits.max_connections,
@@ -77,14 +77,7 @@ class ExternalFetcher:
             socket_factory=guarded_socket_factory(self._guard) if checked else None,
         )
         # One session serves every caller: a cookie set for one must never reach the next.
-        self._session = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar()
-        )
-
-    async def close(self) -> None:
-        """Close the session and its connections."""
-        if self._session is not None:
-            await self._session.close()
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
     async def fetch(self, url: str) -> FetchResult:
         """GET `url`; any HTTP status is a result, only failures to get one raise.
@@ -92,12 +85,11 @@ class ExternalFetcher:
         Raises `TargetRefused`, `BodyTooLarge`, `RedirectRefused`, `FetchTimeout` or
         `FetchFailed`.
         """
-        if self._session is None:
-            raise RuntimeError("ExternalFetcher.start() was not called")
+        session = self.session
         try:
             # One deadline for the whole call, redirects included.
             async with asyncio.timeout(self._limits.timeout_s):
-                return await self._follow(self._session, URL(url))
+                return await self._follow(session, URL(url))
         except TimeoutError as exc:
             raise FetchTimeout(f"{url} did not answer within {self._limits.timeout_s} s") from exc
         except aiohttp.ClientError as exc:

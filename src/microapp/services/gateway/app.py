@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from pydantic import Field, field_validator
 from starlette.applications import Starlette
@@ -14,7 +15,7 @@ from microapp.gen.gateway.v1.gateway_connect import GatewayServiceASGIApplicatio
 from microapp.platform.breaker import CircuitBreaker
 from microapp.platform.config import CommonSettings, Settings, http_url, variable
 from microapp.platform.db import Database
-from microapp.platform.http import ConnectService, Lifecycle, ServiceParts, build_app
+from microapp.platform.http import ConnectService, ServiceParts, build_app
 from microapp.platform.idempotency import IdempotentCall
 from microapp.platform.retry_budget import RetryBudget
 from microapp.platform.telemetry import observe
@@ -49,34 +50,28 @@ class GatewaySettings(Settings):
     _url = field_validator("custom_lang_base_url")(http_url)
 
 
-class ResilienceGauges:
-    """Reports the breaker and the retry budget as OpenTelemetry gauges (when exporting).
+STATE_NUMBERS = {"closed": 0, "half_open": 1, "open": 2}
+
+
+@asynccontextmanager
+async def resilience_gauges(breaker: CircuitBreaker, budget: RetryBudget) -> AsyncIterator[None]:
+    """Reports the breaker and the retry budget as OpenTelemetry gauges (when exporting),
+    from startup on; there is nothing to release at shutdown.
 
     The callbacks run on the exporter's thread, so they read side-effect-free snapshots
     and never move the breaker or refill the bucket from there.
     """
-
-    STATE_NUMBERS = {"closed": 0, "half_open": 1, "open": 2}
-
-    def __init__(self, breaker: CircuitBreaker, budget: RetryBudget) -> None:
-        self._breaker = breaker
-        self._budget = budget
-
-    async def start(self) -> None:
-        breaker, budget = self._breaker, self._budget
-        observe(
-            "microapp.breaker.state",
-            lambda: self.STATE_NUMBERS[breaker.snapshot().state],
-            description="0 closed, 1 half-open, 2 open",
-        )
-        observe(
-            "microapp.breaker.consecutive_failures",
-            lambda: breaker.snapshot().consecutive_failures,
-        )
-        observe("microapp.retry_budget.tokens", lambda: budget.snapshot().whole_tokens)
-
-    async def close(self) -> None:
-        """Nothing to release."""
+    observe(
+        "microapp.breaker.state",
+        lambda: STATE_NUMBERS[breaker.snapshot().state],
+        description="0 closed, 1 half-open, 2 open",
+    )
+    observe(
+        "microapp.breaker.consecutive_failures",
+        lambda: breaker.snapshot().consecutive_failures,
+    )
+    observe("microapp.retry_budget.tokens", lambda: budget.snapshot().whole_tokens)
+    yield
 
 
 def create_app(
@@ -92,12 +87,12 @@ def create_app(
     `database` is the platform's (None without DATABASE_URL); `custom_lang` and `clock`
     default to real ones; tests and benchmarks may pass their own at this seam.
     """
-    components: list[Lifecycle] = []
+    resources: list[AbstractAsyncContextManager[object]] = []
     if custom_lang is None:
         client = CustomLangClient(
             settings.custom_lang_base_url, timeout_s=settings.attempt_timeout_s
         )
-        components.append(client)
+        resources.append(client)
         custom_lang = client
     breaker = CircuitBreaker(
         failure_threshold=settings.breaker_failures,
@@ -108,7 +103,7 @@ def create_app(
         name="custom-lang",
     )
     budget = RetryBudget(settings.retry_capacity, settings.retry_refill_per_s, clock=clock)
-    components.append(ResilienceGauges(breaker, budget))
+    resources.append(resilience_gauges(breaker, budget))
     handler = GatewayHandler(ResilientInvoker(custom_lang, breaker, budget), database)
     status = BreakerStatusRoute(breaker, budget)
     return build_app(
@@ -118,7 +113,7 @@ def create_app(
             proto_files=[gateway_pb2.DESCRIPTOR],
             routes=[Route("/debug/breaker", status.handle, methods=["GET"])],
             database=database,
-            components=components,
+            resources=resources,
             idempotent=IDEMPOTENT_CALLS,
         ),
     )

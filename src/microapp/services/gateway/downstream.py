@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from microapp.platform.clients import HttpClient
+
 # An answer is a short JSON object; reading more would only let a broken downstream
 # make the gateway hold its garbage.
 MAX_REPLY_BYTES = 64 * 1024
@@ -42,34 +44,26 @@ def message_of(status: int, raw: bytes) -> str:
     return text[:MAX_MESSAGE_CHARS] or f"custom-lang answered HTTP {status}"
 
 
-class CustomLangClient:
-    """An aiohttp session opened at startup and closed at shutdown."""
+class CustomLangClient(HttpClient):
+    """custom-lang's `/invoke` over one aiohttp session: `async with CustomLangClient(...)`."""
 
     def __init__(self, base_url: str, *, timeout_s: float = 1.0) -> None:
         self.url = base_url.rstrip("/") + "/invoke"
         self.timeout_s = timeout_s
-        self._session: aiohttp.ClientSession | None = None
 
-    async def start(self) -> None:
-        """Open the session (aiohttp needs a running loop for it)."""
-        self._session = aiohttp.ClientSession(
+    def open_session(self) -> aiohttp.ClientSession:
+        """A session with the attempt's timeout and no pool limit."""
+        return aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),
             # The breaker, not a pool limit, bounds what reaches custom-lang; a limit
             # would turn waiting for a connection into timeouts.
             connector=aiohttp.TCPConnector(limit=0),
         )
 
-    async def close(self) -> None:
-        """Close the session and its connections."""
-        if self._session is not None:
-            await self._session.close()
-
     async def invoke(self, name: str) -> Reply:
         """POST `{"name": name}`; any HTTP status is a reply, only failing to get one raises."""
-        if self._session is None:
-            raise RuntimeError("CustomLangClient.start() was not called")
         try:
-            async with self._session.post(self.url, json={"name": name}) as resp:
+            async with self.session.post(self.url, json={"name": name}) as resp:
                 raw = await resp.content.read(MAX_REPLY_BYTES)
                 return Reply(resp.status, message_of(resp.status, raw))
         except TimeoutError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
+
 from pydantic import Field, field_validator
 from starlette.applications import Starlette
 
@@ -15,7 +17,7 @@ from microapp.gen.greeter.v2.greeter_connect import (
 from microapp.platform.clients import ServiceTransport
 from microapp.platform.config import CommonSettings, Settings, variable
 from microapp.platform.db import Database
-from microapp.platform.http import ConnectService, Lifecycle, ServiceParts, build_app
+from microapp.platform.http import ConnectService, ServiceParts, build_app
 from microapp.platform.idempotency import IdempotentCall
 from microapp.services.greeter.core import Caller, GreeterCore
 from microapp.services.greeter.service import GreeterHandler
@@ -58,10 +60,10 @@ def create_app(
     DATABASE_URL); `caller` defaults to a real client built from the settings, and
     benchmarks and tests may pass their own at this seam.
     """
-    components: list[Lifecycle] = []
+    resources: list[AbstractAsyncContextManager[object]] = []
     if caller is None:
         transport = ServiceTransport(settings.caller_base_url)
-        components.append(transport)
+        resources.append(transport)
         caller = CallerServiceClient(
             settings.caller_base_url, http_client=transport.client, send_compression=None
         )
@@ -76,7 +78,7 @@ def create_app(
             ],
             proto_files=[greeter_pb2.DESCRIPTOR, greeter_v2_pb2.DESCRIPTOR],
             database=database,
-            components=components,
+            resources=resources,
             idempotent=IDEMPOTENT_CALLS,
         ),
     )

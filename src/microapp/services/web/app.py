@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from starlette.types import Scope
 
 from microapp.platform.config import CommonSettings, ConfigError, Settings, variable
 from microapp.platform.db import Database
-from microapp.platform.http import Lifecycle, ServiceParts, build_app
+from microapp.platform.http import ServiceParts, build_app
 from microapp.services.web.relay import BreakerRelay
 
 # index.html and assets/ (the esbuild bundle and CSS), shipped inside the Python package.
@@ -128,15 +129,15 @@ def create_app(
         Route("/config.json", console_config(config), methods=["GET"]),
         Mount("/assets", app=_ConsoleAssets(directory=console_dir / "assets"), name="assets"),
     ]
-    components: list[Lifecycle] = []
+    resources: list[AbstractAsyncContextManager[object]] = []
     if settings.breaker_upstream_url:
         relay = BreakerRelay(settings.breaker_upstream_url)
-        components.append(relay)
+        resources.append(relay)
         routes.append(Route("/debug/breaker", relay.handle, methods=["GET"]))
     return build_app(
         settings.common,
         ServiceParts(
-            connect=[], proto_files=[], routes=routes, database=database, components=components
+            connect=[], proto_files=[], routes=routes, database=database, resources=resources
         ),
     )
 

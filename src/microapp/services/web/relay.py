@@ -15,34 +15,30 @@ import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response
 
+from microapp.platform.clients import HttpClient
 from microapp.platform.rest import json_error
 
 # The gateway answers a few dozen bytes; anything much larger is not its breaker status.
 MAX_BODY_BYTES = 64 * 1024
 
 
-class BreakerRelay:
-    """Fetches the gateway's breaker status for the browser; a component of the web app."""
+class BreakerRelay(HttpClient):
+    """Fetches the gateway's breaker status for the browser; a resource of the web app."""
 
     def __init__(self, upstream_url: str, *, timeout_s: float = 2.0) -> None:
         self._upstream_url = upstream_url
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
 
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=self._timeout)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+    def open_session(self) -> aiohttp.ClientSession:
+        """A session bounded by the relay's timeout."""
+        return aiohttp.ClientSession(timeout=self._timeout)
 
     async def handle(self, request: Request) -> Response:
         """The gateway's JSON as it answered it, or 502 saying why there is none."""
-        assert self._session is not None, "BreakerRelay.start() was not awaited"
         authorization = request.headers.get("authorization")
         headers = {"Authorization": authorization} if authorization else {}
         try:
-            async with self._session.get(self._upstream_url, headers=headers) as upstream:
+            async with self.session.get(self._upstream_url, headers=headers) as upstream:
                 body = await upstream.content.read(MAX_BODY_BYTES + 1)
                 status, content_type = upstream.status, upstream.content_type
         except (aiohttp.ClientError, TimeoutError) as exc:
