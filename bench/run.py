@@ -573,10 +573,11 @@ def _unary_summary(rows: Sequence[UnaryRow]) -> None:
         return
     base = peer.result.requests_per_s
     print(f"(a) grpcio peer: {base:.0f} req/s. microapp / grpcio (Connect | gRPC):")
-    by_label: dict[str, dict[str, UnaryRow]] = {}
+    by_label: dict[str, dict[str, UnaryRow]] = {v.label: {} for v in VARIANTS}
     for row in rows:
         if row.label != GRPCIO_PEER.label:
             by_label.setdefault(row.label, {})[row.protocol] = row
+    by_label = {label: protocols for label, protocols in by_label.items() if protocols}
 
     def cell(row: UnaryRow | None) -> str:
         if row is None:
