@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -75,8 +76,15 @@ async def microapp_up(cwd: Path, *args: str) -> AsyncIterator[UpProcess]:
         yield up
     finally:
         if process.returncode is None:
+            # A test that failed midway: up cannot stop its services once killed, so take
+            # them (and their servers' children, such as Envoy) down too, or they would hold
+            # the default ports for every test after this one.
+            left = _descendants(process.pid)
             process.kill()
             await process.wait()
+            for child in left:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
