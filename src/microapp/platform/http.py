@@ -5,13 +5,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar, cast
 from urllib.parse import quote
 
-from connectrpc.interceptor import Interceptor
+from connectrpc.interceptor import (
+    BidiStreamInterceptor,
+    ClientStreamInterceptor,
+    MetadataInterceptor,
+    ServerStreamInterceptor,
+    UnaryInterceptor,
+)
 from connectrpc.server import ConnectASGIApplication
 from google.protobuf.descriptor import FileDescriptor
 from starlette.applications import Starlette
@@ -59,30 +65,56 @@ CORS_ALLOW_HEADERS = [
 CORS_EXPOSE_HEADERS = ["Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin"]
 
 
-# The generated `XServiceASGIApplication(service, *, interceptors=..., read_max_bytes=...)`.
-ConnectAppFactory = Callable[..., ConnectASGIApplication[Any]]
+# connectrpc's own `Interceptor` union leaves MetadataInterceptor's type parameter open.
+Interceptor = (
+    UnaryInterceptor
+    | ClientStreamInterceptor
+    | ServerStreamInterceptor
+    | BidiStreamInterceptor
+    | MetadataInterceptor[Any]
+)
+
+# The generated service protocol an implementation subclasses (`GreeterService`, ...).
+_Service = TypeVar("_Service")
+
+
+class ConnectAppFactory(Protocol[_Service]):
+    """The generated `XServiceASGIApplication` class, called the way `build_app` calls it."""
+
+    def __call__(
+        self,
+        service: _Service,
+        *,
+        interceptors: Iterable[Interceptor] = ...,
+        read_max_bytes: int | None = ...,
+    ) -> ConnectASGIApplication[_Service]: ...
 
 
 @dataclass(frozen=True)
-class ConnectService:
-    """One Connect service: its generated ASGI application class and our implementation."""
+class ConnectService(Generic[_Service]):
+    """One Connect service: its generated ASGI application class and our implementation.
 
-    app_class: ConnectAppFactory
-    implementation: object
+    Generic, so `ConnectService(GreeterServiceASGIApplication, handler)` is checked: the
+    handler must be a `GreeterService`.
+    """
+
+    app_class: ConnectAppFactory[_Service]
+    implementation: _Service
 
 
 @dataclass
 class ServiceParts:
     """Everything that makes one service, handed to `build_app`."""
 
-    connect: Sequence[ConnectService]
+    # Any: each entry was checked against its own protocol where it was built.
+    connect: Sequence[ConnectService[Any]]
     proto_files: Sequence[FileDescriptor]
     routes: Sequence[BaseRoute] = ()
     database: Database | None = None
     # Async context managers entered in order after the database (at startup), left in
     # reverse before it (at shutdown): clients, queues, pools.
     resources: Sequence[AbstractAsyncContextManager[object]] = ()
-    interceptors: Sequence[Interceptor] = field(default_factory=list)
+    interceptors: Sequence[Interceptor] = field(default_factory=list[Interceptor])
     # Connect procedures and REST routes that honour `Idempotency-Key`.
     idempotent: Sequence[IdempotentCall] = ()
     # None: the service's (CommonSettings.idempotency).
@@ -132,10 +164,10 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
             interceptors=list(interceptors),
             read_max_bytes=settings.max_body_bytes,
         )
-        connect_apps[app.path] = _grpc_needs_trailers(app)
+        connect_apps[app.path] = _grpc_needs_trailers(_asgi(app))
         mounts.append(Mount(app.path, app=connect_apps[app.path]))
     for reflection in reflection_apps(parts.proto_files):
-        mounts.append(Mount(reflection.path, app=reflection))
+        mounts.append(Mount(reflection.path, app=_asgi(reflection)))
 
     async def healthz(request: Request) -> PlainTextResponse:
         if parts.database is None or await parts.database.healthy():
@@ -145,13 +177,13 @@ def build_app(settings: CommonSettings, parts: ServiceParts) -> Starlette:
     async def livez(request: Request) -> PlainTextResponse:
         return PlainTextResponse("ok")
 
-    middleware = []
+    middleware: list[Middleware] = []
     if telemetry_enabled():
         middleware.append(_rest_tracing(mounts))
     rpc_prefixes = [m.path for m in mounts if isinstance(m, Mount)]
     # Connect calls skip Starlette (see `_ServiceApp`) but pass the same middleware as the
     # routes, minus REST tracing (which excludes them) and IdempotentRoutes (REST only).
-    rpc_middleware = []
+    rpc_middleware: list[Middleware] = []
     if access_log:
         # Inside the REST tracing middleware, so REST lines carry its span's ids.
         middleware.append(Middleware(AccessLog, rpc_prefixes=rpc_prefixes))
@@ -221,6 +253,13 @@ class _ServiceApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+def _asgi(app: object) -> ASGIApp:
+    """A Connect application as Starlette's `ASGIApp`. connectrpc types its `__call__` with
+    asgiref's TypedDict scopes and events, Starlette with plain mappings: the same ASGI
+    protocol in two spellings that a type checker cannot relate, hence the cast."""
+    return cast(ASGIApp, app)
+
+
 def _wrap(app: ASGIApp, middleware: Sequence[Middleware]) -> ASGIApp:
     """`app` inside `middleware`, the first listed outermost (as Starlette orders it)."""
     for cls, args, kwargs in reversed(middleware):
@@ -262,7 +301,10 @@ def _grpc_needs_trailers(app: ASGIApp) -> ASGIApp:
 def _rest_tracing(mounts: Sequence[BaseRoute]) -> Middleware:
     """HTTP server spans for the REST routes; Connect calls get RPC spans from connectrpc-otel
     instead, and health probes none at all."""
-    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    # The contrib instrumentations ship no stubs and no py.typed; their types are inferred.
+    from opentelemetry.instrumentation.asgi import (  # pyright: ignore[reportMissingTypeStubs]
+        OpenTelemetryMiddleware,
+    )
 
     excluded = ["/healthz", "/livez", *(re.escape(m.path) for m in mounts if isinstance(m, Mount))]
     return Middleware(OpenTelemetryMiddleware, excluded_urls=",".join(excluded))
@@ -270,7 +312,7 @@ def _rest_tracing(mounts: Sequence[BaseRoute]) -> Middleware:
 
 def _lifespan(settings: CommonSettings, parts: ServiceParts) -> Callable[[Starlette], Any]:
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncGenerator[None, None]:
         async with contextlib.AsyncExitStack() as stack:
             if parts.database is not None:
                 await stack.enter_async_context(parts.database)

@@ -6,6 +6,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
+from microapp.gen.auth.v1.auth_connect import AuthService
 from microapp.gen.auth.v1.auth_pb2 import (
     LoginRequest,
     LoginResponse,
@@ -24,7 +25,7 @@ from microapp.services.auth.accounts import (
 )
 
 
-class AuthHandler:
+class AuthHandler(AuthService):
     """Implements the generated `AuthService` protocol.
 
     Saturated password hashing is `unavailable` like a database outage: the same call

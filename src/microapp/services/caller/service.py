@@ -10,6 +10,7 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 from yarl import URL
 
+from microapp.gen.caller.v1.caller_connect import CallerService
 from microapp.gen.caller.v1.caller_pb2 import CallExternalRequest, CallExternalResponse
 from microapp.services.caller.fetch import (
     BodyTooLarge,
@@ -70,7 +71,7 @@ def _quote(url: str) -> str:
     return repr(shown)
 
 
-class CallerHandler:
+class CallerHandler(CallerService):
     """Implements the generated `CallerService` protocol."""
 
     def __init__(self, fetcher: Fetcher, call_log: CallLog | None) -> None:

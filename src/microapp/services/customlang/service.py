@@ -14,6 +14,7 @@ from connectrpc.request import RequestContext
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from microapp.gen.customlang.v1.customlang_connect import CustomLangService
 from microapp.gen.customlang.v1.customlang_pb2 import InvokeRequest, InvokeResponse
 from microapp.platform.db import Database, DatabaseUnavailable
 from microapp.platform.rest import json_error, read_json_object, string_field
@@ -99,7 +100,7 @@ class InvokeRoute:
         return json_error(answer.status, answer.message)
 
 
-class CustomLangHandler:
+class CustomLangHandler(CustomLangService):
     """Implements the generated `CustomLangService` protocol."""
 
     def __init__(self, responder: Responder) -> None:

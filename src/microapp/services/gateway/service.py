@@ -13,6 +13,7 @@ from connectrpc.request import RequestContext
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from microapp.gen.gateway.v1.gateway_connect import GatewayService
 from microapp.gen.gateway.v1.gateway_pb2 import InvokeCustomRequest, InvokeCustomResponse
 from microapp.platform.breaker import BreakerOpenError, CircuitBreaker
 from microapp.platform.db import Database, DatabaseUnavailable
@@ -126,7 +127,7 @@ class ResilientInvoker:
         return reply
 
 
-class GatewayHandler:
+class GatewayHandler(GatewayService):
     """Implements the generated `GatewayService` protocol."""
 
     def __init__(self, invoker: ResilientInvoker, database: Database | None) -> None:

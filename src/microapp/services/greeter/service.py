@@ -6,6 +6,7 @@ import logging
 
 from connectrpc.request import RequestContext
 
+from microapp.gen.greeter.v1.greeter_connect import GreeterService
 from microapp.gen.greeter.v1.greeter_pb2 import GreetRequest, GreetResponse
 from microapp.services.greeter.core import Caller, GreeterCore, check_name
 
@@ -19,7 +20,7 @@ def greeting_for(name: str) -> str:
     return f"Hello {name or 'World'} from greeter-service!"
 
 
-class GreeterHandler:
+class GreeterHandler(GreeterService):
     """Implements the generated `greeter.v1.GreeterService` protocol."""
 
     def __init__(self, core: GreeterCore) -> None:

@@ -11,6 +11,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
+from microapp.gen.greeter.v2.greeter_connect import GreeterService
 from microapp.gen.greeter.v2.greeter_pb2 import (
     GreetRequest,
     GreetResponse,
@@ -63,7 +64,7 @@ def stream_plan(request: GreetStreamRequest) -> StreamPlan:
     return StreamPlan(count, request.interval_ms / 1000)
 
 
-class GreeterV2Handler:
+class GreeterV2Handler(GreeterService):
     """Implements the generated `greeter.v2.GreeterService` protocol."""
 
     def __init__(self, core: GreeterCore) -> None:
