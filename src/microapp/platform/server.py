@@ -14,11 +14,12 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import h2.errors
 import h2.events
 import h11
-from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.asyncio import serve as hypercorn_serve  # pyright: ignore[reportUnknownVariableType]
 from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
@@ -28,8 +29,14 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.typing import ASGIFramework
+from starlette.types import ASGIApp
 
 from microapp.platform.config import ConfigError, Settings, variable
+
+# The `pyright: ignore`s in this module are for what it is for: it patches Hypercorn's
+# private methods and keeps its own state on Hypercorn's objects (each patch's docstring
+# says why), which a type checker rightly reports as private usage and unknown attributes.
+# The one on the `serve` import: its WSGI alternative takes a bare, partly unknown `dict`.
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +103,9 @@ def hypercorn_config(options: ServerOptions) -> Config:
     config.keep_alive_max_requests = options.keep_alive_max_requests
     config.graceful_timeout = options.graceful_timeout
     config.h2_max_concurrent_streams = options.h2_max_concurrent_streams
-    config.read_timeout = limits.read_timeout_s or None  # type: ignore[assignment]
+    # Hypercorn annotates `read_timeout` as int, but any number of seconds works: it is
+    # only handed to asyncio.wait_for.
+    config.read_timeout = limits.read_timeout_s or None  # pyright: ignore[reportAttributeAccessIssue]
     config.http_limits = limits
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -185,7 +194,7 @@ def _coalesce_socket_writes() -> None:
     is queued first, so a GOAWAY or a last answer is never dropped.
     """
     protocol_send = TCPServer.protocol_send
-    close = TCPServer._close
+    close = TCPServer._close  # pyright: ignore[reportPrivateUsage]
 
     async def _protocol_send(self: TCPServer, event: Event) -> None:
         if not isinstance(event, RawData):
@@ -193,12 +202,12 @@ def _coalesce_socket_writes() -> None:
             return
         queued: list[bytes] | None = getattr(self, "_microapp_queued", None)
         if queued is None:
-            queued = self._microapp_queued = []  # type: ignore[attr-defined]
-            self._microapp_queued_bytes = 0  # type: ignore[attr-defined]
+            queued = self._microapp_queued = []  # pyright: ignore[reportAttributeAccessIssue]
+            self._microapp_queued_bytes = 0  # pyright: ignore[reportAttributeAccessIssue]
             self.loop.call_soon(_write_queued, self)
         queued.append(event.data)
-        self._microapp_queued_bytes += len(event.data)  # type: ignore[attr-defined]
-        too_much = self._microapp_queued_bytes > _COALESCE_MAX_BYTES  # type: ignore[attr-defined]
+        self._microapp_queued_bytes += len(event.data)  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType]
+        too_much = self._microapp_queued_bytes > _COALESCE_MAX_BYTES  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType, reportUnknownVariableType]
         # A socket not keeping up (a slow reader) makes the sender wait, as before.
         if too_much or self.writer.transport.get_write_buffer_size() > _COALESCE_MAX_BYTES:
             async with self.send_lock:
@@ -212,8 +221,8 @@ def _coalesce_socket_writes() -> None:
         _write_queued(self)
         await close(self)
 
-    TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
-    TCPServer._close = _close  # type: ignore[method-assign]
+    TCPServer.protocol_send = _protocol_send
+    TCPServer._close = _close  # pyright: ignore[reportPrivateUsage]
 
 
 def _write_queued(server: TCPServer) -> None:
@@ -221,7 +230,7 @@ def _write_queued(server: TCPServer) -> None:
     queued: list[bytes] | None = getattr(server, "_microapp_queued", None)
     if not queued:
         return
-    server._microapp_queued = None  # type: ignore[attr-defined]
+    server._microapp_queued = None  # pyright: ignore[reportAttributeAccessIssue]
     if server.writer.is_closing():
         return  # the connection is gone: nothing can be delivered
     server.writer.write(b"".join(queued))
@@ -235,7 +244,7 @@ def _ignore_body_frames_after_the_answer() -> None:
     service client's). A server may answer before reading the body (wrong content type,
     oversized body), so this is ordinary traffic. Upstream: pgjones/hypercorn#329.
     """
-    handle_events = H2Protocol._handle_events
+    handle_events = H2Protocol._handle_events  # pyright: ignore[reportPrivateUsage]
 
     async def _handle_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
         # One event at a time: answering one event can close the stream the next is for.
@@ -244,11 +253,11 @@ def _ignore_body_frames_after_the_answer() -> None:
                 self.connection.acknowledge_received_data(
                     event.flow_controlled_length, event.stream_id
                 )
-                await self._flush()
+                await self._flush()  # pyright: ignore[reportPrivateUsage]
                 continue
             await handle_events(self, [event])
 
-    H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
+    H2Protocol._handle_events = _handle_events  # pyright: ignore[reportPrivateUsage]
 
 
 # After GOAWAY the client may still have frames in flight: read and drop up to this much
@@ -276,7 +285,7 @@ def _budget_h2_stream_resets() -> None:
     connections. Counting the client's resets instead leaves requests unbounded: a client
     that resets more than its `ResetBudget` allows is told to go away and cut off.
     """
-    handle_events = H2Protocol._handle_events
+    handle_events = H2Protocol._handle_events  # pyright: ignore[reportPrivateUsage]
     handle = H2Protocol.handle
     stream_send = H2Protocol.stream_send
 
@@ -297,7 +306,7 @@ def _budget_h2_stream_resets() -> None:
                     last_stream_id=event.stream_id,
                     additional_data=b"too many stream resets",
                 )
-                await self._flush()
+                await self._flush()  # pyright: ignore[reportPrivateUsage]
                 logger.warning(
                     "too many HTTP/2 stream resets: sent GOAWAY",
                     extra={"client": _peer(self.client)},
@@ -332,9 +341,9 @@ def _budget_h2_stream_resets() -> None:
             for buffer in list(self.stream_buffers.values()):
                 await buffer.close()
 
-    H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
-    H2Protocol.handle = _handle  # type: ignore[method-assign]
-    H2Protocol.stream_send = _stream_send  # type: ignore[method-assign]
+    H2Protocol._handle_events = _handle_events  # pyright: ignore[reportPrivateUsage]
+    H2Protocol.handle = _handle
+    H2Protocol.stream_send = _stream_send
 
 
 def _reset_guard(protocol: H2Protocol) -> _ResetGuard | None:
@@ -376,9 +385,9 @@ def _drain_h11_bodies_answered_early() -> None:
     unknown length, the answer says `Connection: close` and the server still reads (up to
     the same bound) before closing, so the client gets the whole answer either way.
     """
-    create_stream = H11Protocol._create_stream
+    create_stream = H11Protocol._create_stream  # pyright: ignore[reportPrivateUsage]
     stream_send = H11Protocol.stream_send
-    maybe_recycle = H11Protocol._maybe_recycle
+    maybe_recycle = H11Protocol._maybe_recycle  # pyright: ignore[reportPrivateUsage]
     handle = H11Protocol.handle
 
     async def _create_stream(self: H11Protocol, request: h11.Request) -> None:
@@ -406,7 +415,7 @@ def _drain_h11_bodies_answered_early() -> None:
             and self.connection.their_state is h11.SEND_BODY
             and self.connection.our_state in {h11.DONE, h11.MUST_CLOSE}
         ):
-            await self._close_stream()
+            await self._close_stream()  # pyright: ignore[reportPrivateUsage]
             _drains[self] = _Drain(limits.h1_drain_max_bytes)
             await _drain(self)
             return
@@ -442,14 +451,15 @@ def _drain_h11_bodies_answered_early() -> None:
         if isinstance(event, RawData) and self in _drains:
             self.connection.receive_data(event.data)
             if await _drain(self):
-                await self._handle_events()  # a request that came right behind the body
+                # A request that came right behind the body.
+                await self._handle_events()  # pyright: ignore[reportPrivateUsage]
             return
         await handle(self, event)
 
-    H11Protocol._create_stream = _create_stream  # type: ignore[method-assign]
-    H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
-    H11Protocol._maybe_recycle = _maybe_recycle  # type: ignore[method-assign]
-    H11Protocol.handle = _handle  # type: ignore[method-assign]
+    H11Protocol._create_stream = _create_stream  # pyright: ignore[reportPrivateUsage]
+    H11Protocol.stream_send = _stream_send
+    H11Protocol._maybe_recycle = _maybe_recycle  # pyright: ignore[reportPrivateUsage]
+    H11Protocol.handle = _handle
 
 
 def _content_length(request: h11.Request) -> int | None:
@@ -479,7 +489,7 @@ def _unblock_streams_closed_with_unread_body() -> None:
                     queue.get_nowait()
         await handle(self, event)
 
-    HTTPStream.handle = _handle  # type: ignore[method-assign]
+    HTTPStream.handle = _handle
 
 
 def _read_timeout_only_while_a_body_is_owed() -> None:
@@ -498,10 +508,10 @@ def _read_timeout_only_while_a_body_is_owed() -> None:
 
     async def _handle(self: HTTPStream, event: StreamEvent) -> None:
         if isinstance(event, EndBody):
-            self._microapp_body_complete = True  # type: ignore[attr-defined]
+            self._microapp_body_complete = True  # pyright: ignore[reportAttributeAccessIssue]
         await handle(self, event)
 
-    HTTPStream.handle = _handle  # type: ignore[method-assign]
+    HTTPStream.handle = _handle
 
     async def _read_data(self: TCPServer) -> None:
         # Hypercorn 0.18's loop, with the timeout chosen per read.
@@ -514,7 +524,7 @@ def _read_timeout_only_while_a_body_is_owed() -> None:
             await self.protocol.handle(RawData(data))
         await self.protocol.handle(Closed())
 
-    TCPServer._read_data = _read_data  # type: ignore[method-assign]
+    TCPServer._read_data = _read_data  # pyright: ignore[reportPrivateUsage]
 
 
 def _body_owed(wrapper: object) -> bool:
@@ -530,7 +540,7 @@ def _body_owed(wrapper: object) -> bool:
     return bool(owed) and all(owed)
 
 
-async def serve_until_signalled(app: ASGIFramework, options: ServerOptions) -> None:
+async def serve_until_signalled(app: ASGIApp, options: ServerOptions) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight requests,
     run the app's shutdown (which drains queues and closes pools) and return."""
     loop = asyncio.get_running_loop()
@@ -540,11 +550,14 @@ async def serve_until_signalled(app: ASGIFramework, options: ServerOptions) -> N
     logger.info(
         "listening", extra={"address": f"http://{options.host}:{options.port}", "pid": os.getpid()}
     )
-    await hypercorn_serve(app, hypercorn_config(options), shutdown_trigger=stop.wait)
+    # Hypercorn types ASGI with its own TypedDicts, Starlette with plain mappings: the same
+    # protocol in spellings a type checker cannot relate.
+    framework = cast(ASGIFramework, app)
+    await hypercorn_serve(framework, hypercorn_config(options), shutdown_trigger=stop.wait)
     logger.info("stopped")
 
 
-async def serve_with_granian_until_signalled(app: ASGIFramework, options: ServerOptions) -> None:
+async def serve_with_granian_until_signalled(app: ASGIApp, options: ServerOptions) -> None:
     """The opt-in server: Granian's HTTP/1.1 and h2c (Rust), embedded in this event loop.
 
     About three times Hypercorn's unary throughput here, but Granian offers no ASGI
@@ -576,7 +589,7 @@ async def serve_with_granian_until_signalled(app: ASGIFramework, options: Server
     logger.info("stopped")
 
 
-def run(app: ASGIFramework, options: ServerOptions) -> None:
+def run(app: ASGIApp, options: ServerOptions) -> None:
     """Run the event loop (uvloop when available) serving `app`; limits not given in
     `options` are read from the environment."""
     if options.limits is None:
