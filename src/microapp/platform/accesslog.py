@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextvars import ContextVar
+from typing import Any
 
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
@@ -61,14 +62,14 @@ class AccessLogInterceptor:
     Listed after connectrpc-otel's interceptor, its `on_start` runs inside the RPC span.
     """
 
-    async def on_start(self, ctx: RequestContext) -> _Call | None:
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> _Call | None:
         call = _current_call.get()
         if call is not None:
             call.context = otel_context.get_current()
         return call
 
     async def on_end(
-        self, call: _Call | None, ctx: RequestContext, error: Exception | None
+        self, call: _Call | None, ctx: RequestContext[Any, Any], error: Exception | None
     ) -> None:
         if call is not None:
             if error is None:

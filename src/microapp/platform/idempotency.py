@@ -23,9 +23,9 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar, cast
 
 import psycopg
 from connectrpc.code import Code
@@ -143,7 +143,8 @@ def canonical_json_body(
     except (ValueError, RecursionError):
         value = None
     if isinstance(value, dict):
-        kept = {k: v for k, v in value.items() if k not in unfingerprinted}
+        fields = cast("dict[str, object]", value)  # json.loads: an object's keys are str
+        kept = {k: v for k, v in fields.items() if k not in unfingerprinted}
         body = json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()
     return media_type.encode() + b"\n" + body
 
@@ -333,7 +334,7 @@ class PostgresIdempotencyStore:
             return (await conn.execute(_PRUNE)).rowcount
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+    async def _connection(self) -> AsyncGenerator[psycopg.AsyncConnection, None]:
         try:
             async with self._database.connection() as conn:
                 yield conn
@@ -585,9 +586,9 @@ class IdempotencyInterceptor:
 
     async def intercept_unary(
         self,
-        call_next: Callable[[REQ, RequestContext], Awaitable[RES]],
+        call_next: Callable[[REQ, RequestContext[Any, Any]], Awaitable[RES]],
         request: REQ,
-        ctx: RequestContext,
+        ctx: RequestContext[Any, Any],
     ) -> RES:
         method = ctx.method
         procedure = f"/{method.service_name}/{method.name}"
@@ -636,7 +637,9 @@ def _replayed(outcome: Outcome, output: type[RES]) -> RES:
         raise ConnectError(outcome.code, outcome.message)
     if not isinstance(outcome, MessageOutcome):
         raise ConnectError(Code.INTERNAL, "stored outcome is not a Connect response")
-    return output.FromString(outcome.data)  # type: ignore[attr-defined, no-any-return]
+    # connectrpc types a method's output as a bare type variable; it is a protobuf message.
+    message_class = cast("type[ProtoMessage]", output)
+    return cast(RES, message_class.FromString(outcome.data))
 
 
 # --- REST --------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def _items(field: FieldDescriptor, value: Any, path: str) -> list[tuple[str, obj
     """The strings and messages one set field holds, each with its path; map keys included."""
     if field.type not in (_STRING, _MESSAGE):
         return []
-    if field.type == _MESSAGE and field.message_type.GetOptions().map_entry:
+    if field.type == _MESSAGE and _is_map_entry(field):
         items: list[tuple[str, object]] = []
         for key, item in value.items():
             item_path = f"{path}[{key!r}]"
@@ -65,6 +65,13 @@ def _items(field: FieldDescriptor, value: Any, path: str) -> list[tuple[str, obj
     if field.is_repeated:
         return [(f"{path}[{index}]", item) for index, item in enumerate(value)]
     return [(path, value)]
+
+
+def _is_map_entry(field: FieldDescriptor) -> bool:
+    """A message field is a map when its (synthetic) entry type says so; every message
+    field has a message type, which protobuf's stubs leave optional."""
+    entry = field.message_type
+    return entry is not None and entry.GetOptions().map_entry
 
 
 @functools.cache
@@ -77,7 +84,7 @@ def _flat_text_fields(descriptor: Descriptor) -> tuple[str, ...] | None:
     """
     if descriptor.extension_ranges:
         return None
-    names = []
+    names: list[str] = []
     for field in descriptor.fields:
         if field.type == _MESSAGE or (field.type == _STRING and field.is_repeated):
             return None
@@ -111,26 +118,26 @@ class RejectNulText:
 
     async def intercept_unary(
         self,
-        call_next: Callable[[REQ, RequestContext], Awaitable[RES]],
+        call_next: Callable[[REQ, RequestContext[Any, Any]], Awaitable[RES]],
         request: REQ,
-        ctx: RequestContext,
+        ctx: RequestContext[Any, Any],
     ) -> RES:
         _refuse_nul(request)
         return await call_next(request, ctx)
 
     async def intercept_client_stream(
         self,
-        call_next: Callable[[AsyncIterator[REQ], RequestContext], Awaitable[RES]],
+        call_next: Callable[[AsyncIterator[REQ], RequestContext[Any, Any]], Awaitable[RES]],
         request: AsyncIterator[REQ],
-        ctx: RequestContext,
+        ctx: RequestContext[Any, Any],
     ) -> RES:
         return await call_next(_checked(request), ctx)
 
     async def intercept_server_stream(
         self,
-        call_next: Callable[[REQ, RequestContext], AsyncIterator[RES]],
+        call_next: Callable[[REQ, RequestContext[Any, Any]], AsyncIterator[RES]],
         request: REQ,
-        ctx: RequestContext,
+        ctx: RequestContext[Any, Any],
     ) -> AsyncIterator[RES]:
         _refuse_nul(request)
         async for response in call_next(request, ctx):
@@ -138,9 +145,9 @@ class RejectNulText:
 
     async def intercept_bidi_stream(
         self,
-        call_next: Callable[[AsyncIterator[REQ], RequestContext], AsyncIterator[RES]],
+        call_next: Callable[[AsyncIterator[REQ], RequestContext[Any, Any]], AsyncIterator[RES]],
         request: AsyncIterator[REQ],
-        ctx: RequestContext,
+        ctx: RequestContext[Any, Any],
     ) -> AsyncIterator[RES]:
         async for response in call_next(_checked(request), ctx):
             yield response
@@ -162,10 +169,12 @@ class GenericInternalErrors:
     `on_end`, run last, replaces the error every other interceptor and the handler saw.
     """
 
-    async def on_start(self, ctx: RequestContext) -> None:
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> None:
         return None
 
-    async def on_end(self, token: None, ctx: RequestContext, error: Exception | None) -> None:
+    async def on_end(
+        self, token: None, ctx: RequestContext[Any, Any], error: Exception | None
+    ) -> None:
         if error is None or isinstance(error, ConnectError):
             return
         method = ctx.method

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -98,7 +98,7 @@ def _warn_about_the_user_store(
 
 
 @asynccontextmanager
-async def hashing(passwords: Passwords) -> AsyncIterator[Passwords]:
+async def hashing(passwords: Passwords) -> AsyncGenerator[Passwords, None]:
     """The hashing pool for the service's life: its dummy hash made at startup (so the first
     unknown-email login costs no extra hash), the pool stopped at shutdown."""
     await passwords.start()

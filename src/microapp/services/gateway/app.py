@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from pydantic import Field, field_validator
@@ -54,7 +54,9 @@ STATE_NUMBERS = {"closed": 0, "half_open": 1, "open": 2}
 
 
 @asynccontextmanager
-async def resilience_gauges(breaker: CircuitBreaker, budget: RetryBudget) -> AsyncIterator[None]:
+async def resilience_gauges(
+    breaker: CircuitBreaker, budget: RetryBudget
+) -> AsyncGenerator[None, None]:
     """Reports the breaker and the retry budget as OpenTelemetry gauges (when exporting),
     from startup on; there is nothing to release at shutdown.
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -122,7 +123,7 @@ class GreeterV2Handler(GreeterService):
         )
 
 
-def _log_stopped_early(ctx: RequestContext, sent: int, count: int) -> None:
+def _log_stopped_early(ctx: RequestContext[Any, Any], sent: int, count: int) -> None:
     # The handler cannot see why it was stopped, only whether the deadline is (about) due:
     # the event loop may fire the deadline's timer a little before the context's own clock
     # reads it as passed (under pyvoy by a fraction of a millisecond).
