@@ -19,13 +19,14 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
 import aiohttp
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
+from pyqwest import Client
 
 from microapp.gen.auth.v1.auth_connect import AuthServiceClient
 from microapp.gen.auth.v1.auth_pb2 import LoginRequest, RegisterRequest
@@ -128,16 +129,16 @@ def _targets(text: str) -> tuple[str, ...]:
 class TargetStats:
     """Answers of one target: how many, with which codes, how fast."""
 
-    codes: Counter[str] = field(default_factory=Counter)
-    latencies_ms: list[float] = field(default_factory=list)
+    codes: Counter[str] = field(default_factory=Counter[str])
+    latencies_ms: list[float] = field(default_factory=list[float])
 
 
 @dataclass
 class Stats:
     """Every answer of the run, and those of the current progress window."""
 
-    targets: dict[str, TargetStats] = field(default_factory=dict)
-    window_ms: list[float] = field(default_factory=list)
+    targets: dict[str, TargetStats] = field(default_factory=dict[str, TargetStats])
+    window_ms: list[float] = field(default_factory=list[float])
     sent: int = 0
 
     def record(self, target: str, code: str, latency_ms: float) -> None:
@@ -178,20 +179,27 @@ class Calls:
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> Calls:
-        def transport(url: str) -> ServiceTransport:
-            t = ServiceTransport(url)
-            self._stack.push_async_callback(t.close)
-            return t
+        # Each transport is an async context manager, closed when the stack is left.
+        async def client(url: str) -> Client:
+            return (await self._stack.enter_async_context(ServiceTransport(url))).client
 
-        options = {"protocol": self.protocol, "send_compression": None}
         args = self.args
+        protocol = self.protocol
         self.greeter = GreeterServiceClient(
-            args.greeter, http_client=transport(args.greeter).client, **options
+            args.greeter,
+            http_client=await client(args.greeter),
+            protocol=protocol,
+            send_compression=None,
         )
         self.gateway = GatewayServiceClient(
-            args.gateway, http_client=transport(args.gateway).client, **options
+            args.gateway,
+            http_client=await client(args.gateway),
+            protocol=protocol,
+            send_compression=None,
         )
-        self.auth = AuthServiceClient(args.auth, http_client=transport(args.auth).client, **options)
+        self.auth = AuthServiceClient(
+            args.auth, http_client=await client(args.auth), protocol=protocol, send_compression=None
+        )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -342,7 +350,7 @@ def summary(args: argparse.Namespace, stats: Stats, elapsed: float, interrupted:
 async def _unreachable(args: argparse.Namespace) -> list[str]:
     """The targets whose service does not answer /livez, as messages."""
     urls = {"greet": args.greeter, "invoke": args.gateway, "login": args.auth}
-    problems = []
+    problems: list[str] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
         for target in args.targets:
             try:
@@ -356,7 +364,7 @@ async def _unreachable(args: argparse.Namespace) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def _stop_on_signals(stop: asyncio.Event) -> AsyncIterator[list[int]]:
+async def _stop_on_signals(stop: asyncio.Event) -> AsyncGenerator[list[int], None]:
     """Set `stop` on SIGINT or SIGTERM; the signals received are listed."""
     loop = asyncio.get_running_loop()
     received: list[int] = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, Self
 
 import psycopg
@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from microapp.platform.coalesce import CoalesceSettings, CoalescingWriter
 from microapp.platform.migrations import Migration, apply_migrations
 from microapp.platform.telemetry import observe
+from microapp.platform.trusted_sql import trusted_sql
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class Database:
         await self._pool.close()
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[AsyncConnection]:
+    async def connection(self) -> AsyncGenerator[AsyncConnection, None]:
         """A pooled connection in a transaction committed on exit.
 
         Raises `DatabaseUnavailable` at once while the database is known to be down,
@@ -145,7 +146,7 @@ class Database:
             yield conn
 
     @contextlib.asynccontextmanager
-    async def _autocommit_connection(self) -> AsyncIterator[AsyncConnection]:
+    async def _autocommit_connection(self) -> AsyncGenerator[AsyncConnection, None]:
         if not self._ready.is_set():
             raise DatabaseUnavailable("database is not available")
         try:
@@ -176,7 +177,7 @@ class Database:
         `psycopg.Error` (which leaves the database usable).
         """
         async with self._autocommit_connection() as conn:
-            await conn.execute(sql, params)
+            await conn.execute(trusted_sql(sql), params)
 
     async def record(self, insert_sql: str, row: Sequence[Any]) -> None:
         """A synchronous record-keeping write: returns once the row is committed.
@@ -224,7 +225,7 @@ class Database:
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """Run one statement for many rows in a single transaction."""
         async with self.connection() as conn, conn.cursor() as cur:
-            await cur.executemany(sql, rows)
+            await cur.executemany(trusted_sql(sql), rows)
 
     async def healthy(self) -> bool:
         """`SELECT 1` within the health timeout, on a ready database.

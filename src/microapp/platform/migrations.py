@@ -10,6 +10,8 @@ from importlib.resources.abc import Traversable
 
 from psycopg import AsyncConnection
 
+from microapp.platform.trusted_sql import trusted_sql
+
 logger = logging.getLogger(__name__)
 
 # One lock key for every microapp migration run on a database; replicas of the same
@@ -67,7 +69,7 @@ async def apply_migrations(conn: AsyncConnection, migrations: list[Migration]) -
             if migration.version in done:
                 continue
             async with conn.transaction():
-                await conn.execute(migration.sql)
+                await conn.execute(trusted_sql(migration.sql))
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
                     (migration.version, migration.name),
