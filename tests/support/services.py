@@ -39,25 +39,28 @@ class ServiceProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         inherited = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
         self._env = {**inherited, **_TEST_DEFAULTS.get(name, {}), **(env or {})}
-        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the process
+        # Only the path is kept: the process gets its own handle, so none stays open here.
+        with tempfile.NamedTemporaryFile(
             prefix=f"microapp-{name}-", suffix=".log", delete=False
-        )
+        ) as log:
+            self._log_path = Path(log.name)
         self.process: asyncio.subprocess.Process | None = None
 
     @property
     def log_path(self) -> Path:
-        return Path(self._log.name)
+        return self._log_path
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     async def start(self, *, timeout: float = 30.0) -> None:
         """Start the process and wait until it answers /livez."""
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "microapp", "serve", self.name,
-            "--host", "127.0.0.1", "--port", str(self.port), *self._args,
-            env=self._env, stdout=self._log, stderr=self._log,
-        )  # fmt: skip
+        with self._log_path.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "microapp", "serve", self.name,
+                "--host", "127.0.0.1", "--port", str(self.port), *self._args,
+                env=self._env, stdout=log, stderr=log,
+            )  # fmt: skip
         await self.wait_for("/livez", 200, timeout=timeout)
 
     async def wait_for(self, path: str, status: int, *, timeout: float = 30.0) -> None:
@@ -98,4 +101,3 @@ class ServiceProcess:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
-        self._log.close()
