@@ -33,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from microapp.platform.clients import HttpClient
 from microapp.platform.config import CommonSettings, ConfigError
-from microapp.platform.rest import json_error
+from microapp.platform.rest import json_error, json_object
 
 logger = logging.getLogger(__name__)
 
@@ -154,16 +154,20 @@ def verify_jwt(token: str, keys: Mapping[str, Key]) -> Principal:
 
 def parse_jwks(document: object) -> dict[str, Key]:
     """The usable RS256 signing keys of a JWKS document, by kid; others are skipped."""
-    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+    fields = json_object(document)
+    entries = fields.get("keys") if fields is not None else None
+    if not isinstance(entries, list):
         raise ValueError("JWKS document must be an object with a keys list")
     keys: dict[str, Key] = {}
-    for entry in document["keys"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
+    for item in entries:
+        entry = json_object(item)
+        kid = entry.get("kid") if entry is not None else None
+        if entry is None or not isinstance(kid, str):
             continue
         try:
-            keys[entry["kid"]] = rsa_public_key(entry)
+            keys[kid] = rsa_public_key(entry)
         except ValueError as exc:
-            logger.warning("skipping JWKS key", extra={"kid": entry["kid"], "error": str(exc)})
+            logger.warning("skipping JWKS key", extra={"kid": kid, "error": str(exc)})
     return keys
 
 

@@ -135,7 +135,7 @@ _BOUNDS = {
 
 def describe(exc: ValidationError, model: type[BaseModel]) -> str:
     """One clause per refused value: `NAME must be an integer, got 'x'`."""
-    problems = []
+    problems: list[str] = []
     for error in exc.errors(include_url=False):
         loc = error["loc"]
         field = str(loc[0]) if loc else ""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeAlias, cast
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -21,7 +22,7 @@ class JsonError(HTTPException):
     """An HTTP error answered as `{"error": message}`."""
 
 
-def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def json_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """An error response of the REST routes."""
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -67,12 +68,21 @@ def require_json_content_type(content_type: str | None) -> None:
             raise JsonError(415, "content type must be application/json with charset=utf-8")
 
 
+# A parsed JSON value, as `json.loads` builds it.
+Json: TypeAlias = dict[str, "Json"] | list["Json"] | str | int | float | bool | None
+
+
+def json_object(value: object) -> dict[str, Json] | None:
+    """A parsed JSON value as the object it is (JSON object keys are strings), or None."""
+    return cast("dict[str, Json]", value) if isinstance(value, dict) else None
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """`body` as a UTF-8 JSON object; `JsonError` 400 when it is malformed, not an object,
     nested deeper than `MAX_JSON_DEPTH`, or holds NUL in a key or a string value."""
     try:
         text = body.decode("utf-8")
-        value = json.loads(text)
+        value: Json = json.loads(text)
     except RecursionError:
         raise JsonError(400, _TOO_DEEP) from None
     except ValueError:  # UnicodeDecodeError included
@@ -94,23 +104,23 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return value
 
 
-def json_nesting(value: object) -> int:
+def json_nesting(value: Json) -> int:
     """How deep arrays and objects nest in a parsed JSON value (a scalar is 0), walked one
     level at a time without recursion."""
     depth = 0
-    level = [value] if isinstance(value, dict | list) else []
+    level: list[dict[str, Json] | list[Json]] = [value] if isinstance(value, dict | list) else []
     while level:
         depth += 1
-        children: list[object] = []
+        children: list[Json] = []
         for item in level:
             children.extend(item.values() if isinstance(item, dict) else item)
         level = [child for child in children if isinstance(child, dict | list)]
     return depth
 
 
-def json_holds_nul(value: object) -> bool:
+def json_holds_nul(value: Json) -> bool:
     """Whether any string in a parsed JSON value, object keys included, contains NUL."""
-    stack = [value]
+    stack: list[Json] = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):

@@ -39,7 +39,7 @@ class TargetGuard:
     """The rules every hop must pass: an address rule (None: any) and a host allowlist."""
 
     address_rule: AddressRule | None
-    allowed_hosts: frozenset[str] = field(default_factory=frozenset)
+    allowed_hosts: frozenset[str] = field(default_factory=frozenset[str])
 
     @classmethod
     def of(cls, address_rule: AddressRule | None, allowed_hosts: Collection[str]) -> TargetGuard:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import TypeGuard
 
 from microapp.platform.config import ConfigError
+from microapp.platform.rest import json_object
 
 DEFAULT_RULES: Mapping[str, int] = {
     "unauthorized": 401,
@@ -17,7 +19,7 @@ DEFAULT_RULES: Mapping[str, int] = {
 }
 
 
-def _is_allowed_status(value: object) -> bool:
+def _is_allowed_status(value: object) -> TypeGuard[int]:
     # 200 answers the greeting; an error status answers {"error": ...}. Other 2xx, 1xx
     # and 3xx make no sense for a JSON invocation, so they are refused at startup.
     return (
@@ -33,10 +35,10 @@ def parse_rules(raw: str, variable: str = "LANG_RESPONSE_RULES") -> dict[str, in
     if not raw.strip():
         return rules
     try:
-        value = json.loads(raw)
+        value = json_object(json.loads(raw))
     except ValueError as exc:
         raise ConfigError(f"{variable} must be a JSON object of name → status: {exc}") from None
-    if not isinstance(value, dict):
+    if value is None:
         raise ConfigError(
             f'{variable} must be a JSON object of name → status, e.g. {{"busy": 503}}'
         )

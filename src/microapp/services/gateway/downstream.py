@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from microapp.platform.clients import HttpClient
+from microapp.platform.rest import json_object
 
 # An answer is a short JSON object; reading more would only let a broken downstream
 # make the gateway hold its garbage.
@@ -35,11 +36,12 @@ def message_of(status: int, raw: bytes) -> str:
     """`message` of a 2xx JSON body, `error` of another; the text itself otherwise."""
     key = "message" if 200 <= status < 300 else "error"
     try:
-        body = json.loads(raw)
+        body = json_object(json.loads(raw))
     except (ValueError, UnicodeDecodeError):
         body = None
-    if isinstance(body, dict) and isinstance(body.get(key), str):
-        return body[key][:MAX_MESSAGE_CHARS]
+    message = body.get(key) if body is not None else None
+    if isinstance(message, str):
+        return message[:MAX_MESSAGE_CHARS]
     text = raw.decode("utf-8", errors="replace").strip()
     return text[:MAX_MESSAGE_CHARS] or f"custom-lang answered HTTP {status}"
 
