@@ -26,17 +26,26 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
-import aiobreaker
-from aiobreaker import CircuitBreakerError, CircuitBreakerListener, CircuitBreakerState
-from aiobreaker.state import (
+# aiobreaker ships neither stubs nor py.typed: its types are inferred from its source,
+# partly unannotated (the `reportUnknownMemberType` ignores below) and partly wrong (the
+# others, each with its reason).
+import aiobreaker  # pyright: ignore[reportMissingTypeStubs]
+from aiobreaker import (  # pyright: ignore[reportMissingTypeStubs]
+    CircuitBreakerError,
+    CircuitBreakerListener,
+    CircuitBreakerState,
+)
+from aiobreaker.state import (  # pyright: ignore[reportMissingTypeStubs]
     CircuitBreakerBaseState,
     CircuitClosedState,
     CircuitHalfOpenState,
     CircuitOpenState,
 )
-from aiobreaker.storage.base import CircuitBreakerStorage
+from aiobreaker.storage.base import (  # pyright: ignore[reportMissingTypeStubs]
+    CircuitBreakerStorage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +62,10 @@ STATE_NAMES = {
 class BreakerOpenError(CircuitBreakerError):
     """The breaker refused a call without running it: open, or half-open with every
     trial slot taken."""
+
+    def __init__(self, message: str, reopen_time: datetime | None) -> None:
+        # None when no time is known (half-open); aiobreaker annotates it as always a time.
+        super().__init__(message, reopen_time)  # pyright: ignore[reportArgumentType]
 
     def __str__(self) -> str:
         return self.message
@@ -109,12 +122,14 @@ class ClockedStorage(CircuitBreakerStorage):
     def state(self, state: CircuitBreakerState) -> None:
         self.record = replace(self.record, state=state)
 
+    # Seconds on the injected clock where aiobreaker keeps a datetime: only our own
+    # breaker below reads it, so the override's other type is deliberate.
     @property
-    def opened_at(self) -> float | None:
+    def opened_at(self) -> float | None:  # pyright: ignore[reportIncompatibleMethodOverride]
         return self.record.opened_at
 
     @opened_at.setter
-    def opened_at(self, opened_at: float | None) -> None:
+    def opened_at(self, opened_at: float | None) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
         self.record = replace(self.record, opened_at=opened_at)
 
     def set_open(self) -> None:
@@ -154,12 +169,13 @@ class _CurrentStateOnly(CircuitBreakerBaseState):
     _breaker: CircuitBreaker
 
     def _is_current(self) -> bool:
-        return self._breaker._state is self
+        # aiobreaker has no public accessor of the state object itself.
+        return self._breaker._state is self  # pyright: ignore[reportPrivateUsage]
 
-    def _handle_error(self, func: Any, exception: Exception) -> None:
+    def _handle_error(self, func: Any, exception: Exception) -> NoReturn:
         if not self._is_current():
             raise exception
-        super()._handle_error(func, exception)
+        super()._handle_error(func, exception)  # pyright: ignore[reportUnknownMemberType]
 
     def _handle_success(self) -> None:
         if self._is_current():
@@ -168,7 +184,7 @@ class _CurrentStateOnly(CircuitBreakerBaseState):
 
 class _ClosedState(_CurrentStateOnly, CircuitClosedState):
     def __init__(self, breaker: CircuitBreaker, prev_state: Any = None, notify: bool = False):
-        super().__init__(breaker, prev_state, notify)
+        super().__init__(breaker, prev_state, notify)  # pyright: ignore[reportUnknownMemberType]
         if notify:
             breaker.storage.start_window()
 
@@ -183,7 +199,7 @@ class _HalfOpenState(_CurrentStateOnly, CircuitHalfOpenState):
     def __init__(self, breaker: CircuitBreaker, prev_state: Any = None, notify: bool = False):
         self._admitted = 0
         self._successes = 0
-        super().__init__(breaker, prev_state, notify)
+        super().__init__(breaker, prev_state, notify)  # pyright: ignore[reportUnknownMemberType]
 
     @property
     def has_room(self) -> bool:
@@ -206,7 +222,15 @@ class _HalfOpenState(_CurrentStateOnly, CircuitHalfOpenState):
             self._breaker.close()
 
 
-_STATE_CLASSES: dict[CircuitBreakerState, type[CircuitBreakerBaseState]] = {
+class _StateClass(Protocol):
+    """How aiobreaker constructs a state (as `_create_new_state` calls it)."""
+
+    def __call__(
+        self, breaker: CircuitBreaker, prev_state: Any = None, notify: bool = False
+    ) -> CircuitBreakerBaseState: ...
+
+
+_STATE_CLASSES: dict[CircuitBreakerState, _StateClass] = {
     CircuitBreakerState.CLOSED: _ClosedState,
     CircuitBreakerState.OPEN: _OpenState,
     CircuitBreakerState.HALF_OPEN: _HalfOpenState,
@@ -263,7 +287,7 @@ class CircuitBreaker(aiobreaker.CircuitBreaker):
         self._clock = clock
         self.half_open_max = half_open_max
         self.storage = ClockedStorage(clock, interval_s)
-        super().__init__(
+        super().__init__(  # pyright: ignore[reportUnknownMemberType]
             fail_max=failure_threshold,
             timeout_duration=timedelta(seconds=open_s),
             exclude=list(exclude),
@@ -290,7 +314,9 @@ class CircuitBreaker(aiobreaker.CircuitBreaker):
     def _open_remaining(self, record: StoredState, now: float) -> float:
         if record.state is not CircuitBreakerState.OPEN or record.opened_at is None:
             return 0.0
-        return max(0.0, record.opened_at + self.timeout_duration.total_seconds() - now)
+        # aiobreaker's setter annotates a datetime; it holds the timedelta given above.
+        open_for = cast(timedelta, self.timeout_duration)
+        return max(0.0, record.opened_at + open_for.total_seconds() - now)
 
     def seconds_until_half_open(self) -> float:
         """How long the open period still lasts (0 when not open or over)."""
@@ -373,7 +399,9 @@ class CircuitBreaker(aiobreaker.CircuitBreaker):
             return await operation()
 
         try:
-            return await self.call_async(guarded)
+            # aiobreaker leaves call_async's result unannotated: it is `guarded`'s.
+            result = await self.call_async(guarded)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+            return cast(T, result)
         except BreakerOpenError:
             raise
         except CircuitBreakerError as exc:
@@ -382,6 +410,7 @@ class CircuitBreaker(aiobreaker.CircuitBreaker):
             raise exc.__cause__ from None
         except asyncio.CancelledError:
             # Neither success nor failure reached aiobreaker: free the trial slot.
-            if isinstance(admitted_by, _HalfOpenState) and admitted_by is self._state:
+            # `guarded` set `admitted_by`, which the checker's narrowing (to None) misses.
+            if isinstance(admitted_by, _HalfOpenState) and admitted_by is self._state:  # pyright: ignore[reportUnnecessaryIsInstance]
                 admitted_by.release()
             raise
