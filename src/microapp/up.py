@@ -272,7 +272,8 @@ class Up:
             from microapp.devdb import with_database
 
             self.console.step("using the PostgreSQL server from --database-url")
-            return {s.name: with_database(self.args.database_url, s.database) for s in specs}
+            url = self.args.database_url
+            return {s.name: with_database(url, s.database) for s in specs if s.database}
         from microapp.devdb import EmbeddedPostgres
 
         self.console.step(f"starting embedded PostgreSQL (data in {self.data_dir / 'postgres'})")

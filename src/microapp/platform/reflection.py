@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from connectrpc_grpcreflect import (
+# connectrpc-grpcreflect ships no stubs or py.typed; its types are inferred from its source.
+from connectrpc_grpcreflect import (  # pyright: ignore[reportMissingTypeStubs]
     ServerReflectionAlphaASGIApplication,
     ServerReflectionAlphaService,
     ServerReflectionASGIApplication,
@@ -16,7 +17,8 @@ from protobuf import DescFile
 # protobuf-py builds its descriptors from a serialized FileDescriptorProto; this is the
 # documented entry point its own generated code uses, and the bridge from Google's
 # generated modules (the card's protobuf runtime) to what connectrpc-grpcreflect takes.
-from protobuf._codegen import file_desc
+# (Its `stubs` parameter names protobuf-py's `Extension` without type arguments.)
+from protobuf._codegen import file_desc  # pyright: ignore[reportUnknownVariableType]
 
 
 def _to_desc_file(file: FileDescriptor, cache: dict[str, DescFile]) -> DescFile:

@@ -43,8 +43,9 @@ def configure_telemetry(service_name: str, env: MutableMapping[str, str] | None 
 
     from opentelemetry.distro import OpenTelemetryConfigurator, OpenTelemetryDistro
 
-    OpenTelemetryDistro().configure()
-    OpenTelemetryConfigurator().configure()
+    # `configure(**kwargs)` is unannotated in the distro.
+    OpenTelemetryDistro().configure()  # pyright: ignore[reportUnknownMemberType]
+    OpenTelemetryConfigurator().configure()  # pyright: ignore[reportUnknownMemberType]
     _instrument_libraries()
     logs = env["OTEL_LOGS_EXPORTER"].strip().lower() != "none"
     if logs:
@@ -65,7 +66,11 @@ def _export_logs() -> None:
     """Send every log record to the LoggerProvider the distro built (a batch processor in
     front of the OTLP log exporter of the chosen protocol)."""
     from opentelemetry._logs import get_logger_provider
-    from opentelemetry.instrumentation.logging.handler import LoggingHandler
+
+    # The contrib instrumentations ship no stubs and no py.typed; their types are inferred.
+    from opentelemetry.instrumentation.logging.handler import (  # pyright: ignore[reportMissingTypeStubs]
+        LoggingHandler,
+    )
 
     handler = LoggingHandler(logger_provider=get_logger_provider())
     handler.addFilter(_not_from_the_sdk)
