@@ -23,9 +23,10 @@ up: setup ## set up, then run the whole system on this machine (Ctrl-C stops it)
 test: setup ## set up, then run every test
 	$(BIN)/python -m pytest
 
-lint: setup ## ruff check and ruff format --check
+lint: setup ## ruff check, ruff format --check and pyright (strict on src/microapp)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/pyright --pythonpath $(BIN)/python
 
 # The wire contract: what breaking compares the protos with. The previous commit by
 # default; a branch's CI may set BREAKING_AGAINST='.git#branch=main'.
