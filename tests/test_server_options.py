@@ -212,3 +212,14 @@ async def test_workers_with_a_single_process_server_are_refused_clearly(server: 
     assert f"--workers 2 needs --server hypercorn; {server} serves from one process" in (
         stderr.decode()
     )
+
+
+async def test_pyvoy_serves_with_a_pythonpath_set(tmp_path: Path) -> None:
+    """A PYTHONPATH in the environment once replaced pyvoy's own paths for Envoy's Python,
+    which then found no standard library; its entries still reach the app's imports."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    env = {"MICROAPP_SERVER": "pyvoy", "PYTHONPATH": str(extra)}
+    async with ServiceProcess("custom-lang", env) as lang:
+        await lang.wait_for("/healthz", 200)
+        assert _listening_server(lang) == "pyvoy"

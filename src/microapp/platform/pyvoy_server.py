@@ -58,7 +58,7 @@ async def serve_with_pyvoy_until_signalled(options: PyvoyOptions) -> int:
         port=options.port,
         lifespan=True,
         worker_threads=options.worker_threads,
-        env=dict(options.env),
+        env=_envoy_env(options.env),
         # Envoy's own lines (warnings and errors) and the app's JSON log go to our stderr.
         stdout=None,
         stderr=None,
@@ -87,6 +87,16 @@ async def serve_with_pyvoy_until_signalled(options: PyvoyOptions) -> int:
     status = await exited
     logger.info("stopped", extra={"server": "pyvoy", "status": status})
     return 0 if status in (0, None) else 1
+
+
+def _envoy_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The service's environment for Envoy's Python, less the interpreter's own paths.
+
+    pyvoy points Envoy's Python at this interpreter (PYTHONHOME, and PYTHONPATH from its
+    sys.path, which already holds any PYTHONPATH entries); ours would replace those and
+    leave it without a standard library.
+    """
+    return {k: v for k, v in env.items() if k not in {"PYTHONPATH", "PYTHONHOME"}}
 
 
 async def _drain(server: PyvoyServer, timeout: float) -> None:
