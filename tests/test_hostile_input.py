@@ -8,6 +8,7 @@ in-process at the database seam of a real custom-lang app served by Hypercorn.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -36,6 +37,7 @@ from microapp.services.customlang.app import CustomLangSettings, create_app
 from tests.support.commands import buf_curl
 from tests.support.external import ExternalServer
 from tests.support.inprocess import serving
+from tests.support.polling import eventually
 from tests.support.postgres import TestPostgres, query
 from tests.support.services import ServiceProcess
 
@@ -414,3 +416,21 @@ async def test_a_url_over_8192_characters_is_refused_at_once_with_a_short_messag
             protocol="grpc",
         )
         assert "at most 8192" not in answer.stderr
+
+
+async def test_a_client_leaving_mid_body_is_no_error(fleet: Fleet) -> None:
+    """A client that closes its connection halfway through a REST body is logged as gone,
+    not as an unhandled error with a traceback, and the service serves the next call."""
+    lang = fleet.lang.service
+    _, writer = await asyncio.open_connection("127.0.0.1", lang.port)
+    writer.write(
+        b"POST /invoke HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b'content-length: 1000\r\n\r\n{"name": "'
+    )
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await eventually(lambda: "client disconnected before its request was read" in lang.logs())
+    assert "unhandled error" not in lang.logs()
+    status, body, _ = await _post(lang.url + "/invoke", _json({"name": "after"}))
+    assert (status, body) == (200, {"message": "Hello after from custom-lang-service!"})

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any, TypeAlias, cast
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -183,6 +183,13 @@ class InternalErrorsAsJson:
 
         try:
             await self._app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # The client left while its body was read: nobody is there to answer, and
+            # nothing failed on our side, so it is no error.
+            logger.info(
+                "client disconnected before its request was read",
+                extra={"method": scope.get("method"), "path": scope.get("path")},
+            )
         except Exception:
             logger.exception(
                 "unhandled error", extra={"method": scope.get("method"), "path": scope.get("path")}
