@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar, cast
 from urllib.parse import quote
 
+from connectrpc.code import Code
 from connectrpc.interceptor import (
     BidiStreamInterceptor,
     ClientStreamInterceptor,
@@ -268,34 +270,80 @@ def _wrap(app: ASGIApp, middleware: Sequence[Middleware]) -> ASGIApp:
 
 
 def _grpc_needs_trailers(app: ASGIApp) -> ASGIApp:
-    """gRPC (not gRPC-Web) carries its status in HTTP trailers, which Hypercorn offers on
-    HTTP/2 only (and Granian not at all). Without them answer `unimplemented` in the
+    """Answer, in the protocol in use, what the Connect app cannot.
+
+    gRPC (not gRPC-Web) carries its status in HTTP trailers, which Hypercorn offers on
+    HTTP/2 only (and Granian not at all): without them answer `unimplemented` in the
     headers (a trailers-only response) instead of letting the Connect app raise and log a
-    traceback per request."""
+    traceback per request. And connectrpc decodes every header (and a GET's query) as
+    UTF-8 before any interceptor runs: one that is not would come back as `unknown` with
+    Python's codec error, so it is `invalid_argument` here.
+    """
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and "http.response.trailers" not in scope.get("extensions", {}):
+        if scope["type"] == "http":
             content_type = Headers(scope=scope).get("content-type", "")
-            if content_type.startswith("application/grpc") and not content_type.startswith(
-                "application/grpc-web"
+            grpc = content_type.startswith("application/grpc")
+            if not _utf8_request(scope):
+                message = "request headers and query must be UTF-8"
+                await _refuse(send, content_type, Code.INVALID_ARGUMENT, message)
+                return
+            if (
+                grpc
+                and not content_type.startswith("application/grpc-web")
+                and "http.response.trailers" not in scope.get("extensions", {})
             ):
                 message = "gRPC needs HTTP/2 trailers, not offered here; use Connect or gRPC-Web"
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [
-                            (b"content-type", b"application/grpc"),
-                            (b"grpc-status", b"12"),
-                            (b"grpc-message", quote(message).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": b""})
+                await _refuse(send, content_type, Code.UNIMPLEMENTED, message)
                 return
         await app(scope, receive, send)
 
     return guarded
+
+
+def _utf8_request(scope: Scope) -> bool:
+    """True when every header name and value, and the query string, decode as UTF-8."""
+    for name, value in scope["headers"]:
+        if not (name.isascii() and value.isascii()):
+            try:
+                name.decode()
+                value.decode()
+            except UnicodeDecodeError:
+                return False
+    query: bytes = scope.get("query_string", b"")
+    if query.isascii():
+        return True
+    try:
+        query.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+async def _refuse(send: Send, content_type: str, code: Code, message: str) -> None:
+    """An error answered before the Connect app runs: trailers-only for gRPC and
+    gRPC-Web, Connect's JSON error body otherwise."""
+    if content_type.startswith("application/grpc"):
+        status, body = 200, b""
+        headers = [
+            (b"content-type", content_type.encode("latin-1")),
+            (b"grpc-status", str(_GRPC_STATUS[code]).encode()),
+            (b"grpc-message", quote(message).encode()),
+        ]
+    else:
+        status = _CONNECT_HTTP_STATUS[code]
+        body = json.dumps({"code": code.name.lower(), "message": message}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# The codes `_refuse` answers, as gRPC status numbers and Connect's HTTP statuses.
+_GRPC_STATUS = {Code.INVALID_ARGUMENT: 3, Code.UNIMPLEMENTED: 12}
+_CONNECT_HTTP_STATUS = {Code.INVALID_ARGUMENT: 400, Code.UNIMPLEMENTED: 501}
 
 
 def _rest_tracing(mounts: Sequence[BaseRoute]) -> Middleware:
