@@ -61,9 +61,6 @@ GRPC_REFUSAL = "gRPC needs HTTP/2 trailers"  # what a server without trailers an
 # body (docs/configuration.md): a client still sending it may see the connection reset
 # instead of the answer. Hypercorn reads the rest (HTTP1_DRAIN_MAX_BYTES) and answers.
 CLOSES_EARLY_ANSWERED_HTTP1 = frozenset({"granian", "pyvoy"})
-# Hypercorn may reset (RST_STREAM STREAM_CLOSED) a gRPC stream it answered before the whole
-# request arrived, racing the answer; grpcio then reports the reset (docs/configuration.md).
-RESETS_EARLY_ANSWERED_GRPC = frozenset({"hypercorn"})
 RESET = re.compile(r"EPIPE|ECONNRESET|socket hang up|connection reset|RST_STREAM", re.I)
 # custom-lang statuses beyond its built-in table, so every row of the gateway's status map
 # (docs/gateway.md) is reachable by name.
@@ -184,10 +181,7 @@ def expected_for(
     """The cases as this server answers them over `protocol` and `http_version`."""
     if server == "granian" and protocol == "grpc":
         return [case.refused_as_grpc() for case in cases]
-    resets = (server in CLOSES_EARLY_ANSWERED_HTTP1 and http_version == "1.1") or (
-        server in RESETS_EARLY_ANSWERED_GRPC and protocol == "grpc"
-    )
-    if resets:
+    if server in CLOSES_EARLY_ANSWERED_HTTP1 and http_version == "1.1":
         return [replace(case, reset_ok=True) if case.early else case for case in cases]
     return list(cases)
 

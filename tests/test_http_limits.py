@@ -521,3 +521,36 @@ async def test_a_silent_client_waiting_for_a_slow_answer_is_not_cut_off(
         h2 = await buf_curl(url, payload)
         assert h2.returncode == 0, h2.stderr
         assert json.loads(h2.stdout) == {"statusCode": 200, "bodyLength": 7}
+
+
+async def test_a_grpc_request_answered_before_its_body_is_stopped_with_no_error(
+    lang: ServiceProcess,
+) -> None:
+    """RFC 9113 8.1: after a complete answer to a request still being sent, the server
+    asks the client to stop with RST_STREAM(NO_ERROR), as gRPC servers do. Without it the
+    client goes on sending, h2 resets those frames with STREAM_CLOSED, and grpcio reported
+    that as `internal` instead of the `resource_exhausted` it had been given."""
+    client = await H2c.open(lang.port)
+    stream_id = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(
+        stream_id,
+        client.headers("POST", INVOKE, ("content-type", "application/grpc"), ("te", "trailers")),
+    )
+    # A message that says it is 2 MiB long: refused from its length prefix alone.
+    client.conn.send_data(stream_id, b"\x00" + (2 * MAX_BODY).to_bytes(4, "big") + b"x" * 1000)
+    client.flush()
+    trailers: dict[str, str] = {}
+    reset: h2.events.StreamReset | None = None
+    async with asyncio.timeout(10):
+        while reset is None:
+            data = await client.reader.read(65536)
+            assert data, "the server closed the connection"
+            for event in client.conn.receive_data(data):
+                if isinstance(event, h2.events.TrailersReceived):
+                    trailers = dict(event.headers)
+                elif isinstance(event, h2.events.StreamReset):
+                    reset = event
+            client.flush()
+    assert trailers.get("grpc-status") == "8", trailers  # resource_exhausted, answered first
+    assert reset.error_code == ErrorCodes.NO_ERROR
+    await client.close()

@@ -18,7 +18,9 @@ from typing import cast
 
 import h2.errors
 import h2.events
+import h2.exceptions
 import h11
+from h2.stream import StreamState
 from hypercorn.asyncio import serve as hypercorn_serve  # pyright: ignore[reportUnknownVariableType]
 from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.config import Config
@@ -323,6 +325,8 @@ def _budget_h2_stream_resets() -> None:
             and (guard := _reset_guard(self)) is not None
         ):
             guard.budget.stream_answered()
+        if isinstance(event, StreamClosed):
+            await _stop_an_unread_request(self, event.stream_id)
         await stream_send(self, event)
 
     async def _handle(self: H2Protocol, event: Event) -> None:
@@ -344,6 +348,25 @@ def _budget_h2_stream_resets() -> None:
     H2Protocol._handle_events = _handle_events  # pyright: ignore[reportPrivateUsage]
     H2Protocol.handle = _handle
     H2Protocol.stream_send = _stream_send
+
+
+async def _stop_an_unread_request(protocol: H2Protocol, stream_id: int) -> None:
+    """After a complete answer to a request still being sent, tell the client to stop.
+
+    RFC 9113 section 8.1: a server may answer before the whole request arrived, then ask
+    the client to abort its transmission with RST_STREAM(NO_ERROR), as gRPC servers do.
+    Without it the client keeps sending (a 1 MiB message refused as too large), and h2
+    answers those frames with RST_STREAM(STREAM_CLOSED), which grpcio reports as
+    `internal` instead of the answer it was given.
+    """
+    h2_stream = protocol.connection.streams.get(stream_id)
+    if h2_stream is None or h2_stream.state_machine.state != StreamState.HALF_CLOSED_LOCAL:
+        return
+    try:
+        protocol.connection.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.NO_ERROR)
+    except h2.exceptions.ProtocolError:
+        return  # closed meanwhile: nothing left to stop
+    await protocol._flush()  # pyright: ignore[reportPrivateUsage]
 
 
 def _reset_guard(protocol: H2Protocol) -> _ResetGuard | None:
