@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Any, Self
+from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from microapp.platform.coalesce import CoalesceSettings, CoalescingWriter
 from microapp.platform.migrations import Migration, apply_migrations
+from microapp.platform.resource import StartedResource
 from microapp.platform.telemetry import observe
 from microapp.platform.trusted_sql import trusted_sql
 
@@ -55,7 +56,7 @@ def connection_lost(exc: BaseException, conn: AsyncConnection | None = None) -> 
     return state.startswith("08") or state in _SESSION_ENDING_STATES
 
 
-class Database:
+class Database(StartedResource):
     """Pool, migrations and availability of one service's database."""
 
     def __init__(
@@ -106,14 +107,6 @@ class Database:
     async def wait_ready(self) -> None:
         """Return once the database is usable."""
         await self._ready.wait()
-
-    async def __aenter__(self) -> Self:
-        """`start()`, for the service's lifespan exit stack."""
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """Open the pool and start watching; never fails because the database is down."""

@@ -25,7 +25,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Self, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import psycopg
 from connectrpc.code import Code
@@ -36,9 +36,11 @@ from psycopg.types.json import Jsonb
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# Defined with the other settings models; imported from here too.
 from microapp.platform.config import IdempotencySettings
 from microapp.platform.db import Database, DatabaseUnavailable
+
+# Defined with the other settings models; imported from here too.
+from microapp.platform.resource import StartedResource
 from microapp.platform.rest import json_error
 
 logger = logging.getLogger(__name__)
@@ -445,7 +447,7 @@ class Ran:
     replayed: bool
 
 
-class Idempotency:
+class Idempotency(StartedResource):
     """Runs calls at most once per (procedure, key) with a store, and prunes it."""
 
     def __init__(self, store: IdempotencyStore, settings: IdempotencySettings) -> None:
@@ -528,14 +530,6 @@ class Idempotency:
             logger.warning(
                 "idempotency claim not released", extra={"procedure": procedure, "error": str(exc)}
             )
-
-    async def __aenter__(self) -> Self:
-        """`start()`, for the service's lifespan exit stack."""
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """Start pruning expired keys every `prune_interval_s`."""

@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import Any
 
 from microapp.platform.db import Database, DatabaseUnavailable
+from microapp.platform.resource import StartedResource
 from microapp.platform.telemetry import observe
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 Row = tuple[Any, ...]
 
 
-class WriteBehindQueue:
+class WriteBehindQueue(StartedResource):
     """Queues rows for one INSERT statement and writes them in batches."""
 
     def __init__(
@@ -61,14 +62,6 @@ class WriteBehindQueue:
                 logger.warning("write queue full, row dropped", extra={"dropped": self.dropped})
             return False
         return True
-
-    async def __aenter__(self) -> Self:
-        """`start()`, for the service's lifespan exit stack."""
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """Start the background writer."""
