@@ -472,6 +472,7 @@ async def test_a_request_answered_before_its_body_arrives_leaves_the_h2c_connect
     # connection: under h2c it carries other callers' requests too (a proxy, a service).
     import h2.config
     import h2.connection
+    from hyperframe.frame import DataFrame
 
     async with ServiceProcess("custom-lang") as lang:
         reader, writer = await asyncio.open_connection("127.0.0.1", lang.port)
@@ -485,7 +486,10 @@ async def test_a_request_answered_before_its_body_arrives_leaves_the_h2c_connect
         status, alive = await _h2_response(reader, conn, 1)
         assert (status, alive) == (415, True)
 
-        conn.send_data(1, b"the body, after the answer", end_stream=True)
+        # Written as a raw frame: the server may already have asked us to stop sending with
+        # RST_STREAM(NO_ERROR), and this is the frame a client had in flight before that.
+        late = DataFrame(1, data=b"the body, after the answer", flags=["END_STREAM"])
+        writer.write(late.serialize())
         conn.send_headers(
             3,
             [
